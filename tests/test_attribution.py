@@ -1,0 +1,155 @@
+"""The vectorised NMKE attribution against a plain per-prompt, per-neuron loop of its formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nmke_lightning.editing.attribution import attribution_scores, auto_neuron_chunk
+
+P, D, D_FF, V = 5, 8, 20, 50
+
+
+def reference_scores(
+    resid, keys, final_scale, weight, norm_weight, unembed, unembed_bias, targets,
+    amplify=30.0, prob_floor=1e-8,
+) -> torch.Tensor:
+    """METHOD.md's formula, one (prompt, neuron) at a time, in float64, building each lens input."""
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(torch.float64)
+
+    resid, keys, final_scale, weight = f64(resid), f64(keys), f64(final_scale), f64(weight)
+    norm_weight, unembed, unembed_bias = f64(norm_weight), f64(unembed), f64(unembed_bias)
+
+    def log_prob(x: torch.Tensor, p: int) -> torch.Tensor:
+        logits = unembed @ (norm_weight * x) / final_scale[p]
+        if unembed_bias is not None:
+            logits = logits + unembed_bias
+        prob = torch.softmax(logits, dim=0)[targets[p]]
+        return torch.log(prob.clamp(prob_floor, 1 - prob_floor))
+
+    n_prompts, d_ff = keys.shape
+    out = torch.zeros(n_prompts, d_ff, dtype=torch.float64)
+    for p in range(n_prompts):
+        base = log_prob(resid[p], p)
+        for j in range(d_ff):
+            score = log_prob(resid[p] + amplify * keys[p, j] * weight[:, j], p) - base
+            out[p, j] = score if torch.isfinite(score) else 0.0
+    return out
+
+
+def random_inputs(seed: int, bias: bool, weight_scale: float = 0.05) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        resid=torch.randn(P, D, generator=g),
+        keys=torch.randn(P, D_FF, generator=g),
+        final_scale=torch.rand(P, generator=g) + 0.5,
+        weight=torch.randn(D, D_FF, generator=g) * weight_scale,
+        norm_weight=torch.rand(D, generator=g) + 0.5,
+        unembed=torch.randn(V, D, generator=g),
+        unembed_bias=torch.randn(V, generator=g) if bias else None,
+    )
+    # y_p = the current top-1 token, as in the method (the residual stands in for the final layer).
+    lens_in = inputs["resid"] * inputs["norm_weight"] / inputs["final_scale"][:, None]
+    base = lens_in @ inputs["unembed"].t()
+    if bias:
+        base = base + inputs["unembed_bias"]
+    inputs["targets"] = base.argmax(dim=1)
+    return inputs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 7, 20, 64])
+def test_matches_plain_loop(bias: bool, chunk: int | None) -> None:
+    inputs = random_inputs(seed=0, bias=bias)
+    got = attribution_scores(**inputs, neuron_chunk=chunk)
+    assert got.shape == (P, D_FF) and got.dtype == torch.float32
+    want = reference_scores(**inputs)
+    # Some scores are well away from zero, some are clamped: both regimes are present.
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_matches_plain_loop_random_targets_and_amplify() -> None:
+    inputs = random_inputs(seed=1, bias=True)
+    inputs["targets"] = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(2))
+    got = attribution_scores(**inputs, amplify=7.5, prob_floor=1e-4, neuron_chunk=6)
+    want = reference_scores(**inputs, amplify=7.5, prob_floor=1e-4)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_saturated_probabilities_are_clamped() -> None:
+    # Lens with g = 1, sigma = 1, r = 0: base logits are all 0, so P(y = 0) = 1/3.
+    # Neuron 0 pushes token 0 to logit 30: P = 1 - 2e-13 -> clamped to 1 - 1e-8.
+    # Neuron 1 pushes token 0 to logit -300: P underflows to 0 -> clamped to 1e-8.
+    # Neuron 2 writes nothing: score 0.
+    unembed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # [V=3, d=2]
+    weight = torch.tensor([[1.0, -10.0, 0.0], [0.0, 0.0, 0.0]])  # [d=2, d_ff=3]
+    inputs = dict(
+        resid=torch.zeros(1, 2),
+        keys=torch.ones(1, 3),
+        final_scale=torch.ones(1),
+        weight=weight,
+        norm_weight=torch.ones(2),
+        unembed=unembed,
+        unembed_bias=None,
+        targets=torch.tensor([0]),
+    )
+    got = attribution_scores(**inputs, amplify=30.0, neuron_chunk=2)
+    expected = torch.tensor([[math.log1p(-1e-8) + math.log(3), math.log(1e-8) + math.log(3), 0.0]])
+    torch.testing.assert_close(got.double(), expected.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double(), reference_scores(**inputs), atol=1e-6, rtol=0)
+
+
+def test_non_finite_scores_become_zero() -> None:
+    inputs = random_inputs(seed=3, bias=True)
+    inputs["final_scale"][1] = 0.0  # the whole lens of prompt 1 is inf/NaN
+    inputs["keys"][2, 4] = float("inf")  # +-inf logits: softmax is NaN
+    inputs["keys"][3, 7] = float("nan")
+    got = attribution_scores(**inputs, neuron_chunk=3)
+    assert torch.isfinite(got).all()
+    assert (got[1] == 0).all() and got[2, 4] == 0 and got[3, 7] == 0
+    torch.testing.assert_close(got.double(), reference_scores(**inputs), atol=1e-5, rtol=0)
+
+
+def test_half_precision_inputs_are_computed_in_float32() -> None:
+    inputs = random_inputs(seed=4, bias=True)
+    def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    half = {k: cast(v, torch.bfloat16) for k, v in inputs.items()}
+    upcast = {k: cast(v, torch.float32) for k, v in half.items()}
+    got = attribution_scores(**half, neuron_chunk=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, attribution_scores(**upcast, neuron_chunk=4), atol=0, rtol=0)
+
+
+def test_no_autograd_graph_and_device() -> None:
+    inputs = random_inputs(seed=5, bias=False)
+    inputs["weight"].requires_grad_(True)
+    got = attribution_scores(**inputs)
+    assert not got.requires_grad and got.device == inputs["resid"].device
+
+
+def test_auto_chunk_from_memory_budget() -> None:
+    # 60 prompts x 49152 tokens x 4 bytes = 11.25 MiB per neuron; 128 MiB // that = 11.
+    assert auto_neuron_chunk(60, 49152, 1536) == 11
+    assert auto_neuron_chunk(60, 49152, 1536, max_block_bytes=1) == 1
+    assert auto_neuron_chunk(2, 10, 7, max_block_bytes=2**30) == 7
+    assert auto_neuron_chunk(0, 10, 7) == 7
+
+
+def test_shape_and_option_errors() -> None:
+    inputs = random_inputs(seed=6, bias=True)
+    with pytest.raises(ValueError, match="weight"):
+        attribution_scores(**{**inputs, "weight": inputs["weight"].t()})
+    with pytest.raises(ValueError, match="unembed_bias"):
+        attribution_scores(**{**inputs, "unembed_bias": torch.zeros(V + 1)})
+    with pytest.raises(ValueError, match="targets"):
+        attribution_scores(**{**inputs, "targets": inputs["targets"].float()})
+    with pytest.raises(ValueError, match="neuron_chunk"):
+        attribution_scores(**inputs, neuron_chunk=0)
+    with pytest.raises(ValueError, match="prob_floor"):
+        attribution_scores(**inputs, prob_floor=0.0)
