@@ -11,6 +11,8 @@ so a checkpoint always resumes at the first unedited request.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 import math
@@ -145,8 +147,9 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _resolve_local(path: str) -> Path | None:
+def _resolve_local(path: str | os.PathLike) -> Path | None:
     """The local file or folder `path` names, None for a hub dataset id."""
+    path = os.fspath(path)
     if path.startswith(SAMPLE_PREFIX):
         return sample_path(path)
     local = Path(path).expanduser()

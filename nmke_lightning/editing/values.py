@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .arch import ArchSpec
-from .hooks import edit_output
+from .arch import ArchSpec, get_module
+from .hooks import StopForward, edit_output
 from .requests import EditRequest
 from .tokens import PromptBatch, encode, target_ids
 
@@ -62,6 +64,52 @@ def prompt_batch(tokenizer, requests: list[EditRequest], templates: list[str]) -
             texts.append(text)
             ends.append(end)
     return encode(tokenizer, texts, ends)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns a recorded output instead of computing one."""
+
+    def __init__(self, output) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@contextlib.contextmanager
+def replay_prefix(model: nn.Module, spec: ArchSpec, layer: int, output) -> Iterator[None]:
+    """Skip decoder layers ``0..layer`` during the block: they do not depend on the optimised
+    delta, so their output is recorded once and replayed (layers below `layer` return it too; the
+    model loop only passes it on)."""
+    layers = get_module(model, spec.layers)
+    originals = [layers[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer + 1):
+            layers[i] = _Replay(output)
+        yield
+    finally:
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
+@torch.no_grad()
+def _record_output(model: nn.Module, name: str, inputs: dict):
+    """The raw output (tensor or tuple) of module `name`, stopping the forward right after it."""
+    seen = {}
+
+    def hook(module, args, output):
+        seen["output"] = output
+        raise StopForward
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        model(**inputs, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen["output"]
 
 
 @dataclass
@@ -141,6 +189,11 @@ def compute_values(
         picked = h[rows, batch.lookup] + delta[row_req].to(h.dtype)
         return h.index_put((rows, batch.lookup), picked)
 
+    layer_name = f"{spec.layers}.{layer}"
+    base = model.base_model  # the decoder stack without the LM head
+    unembed = get_module(model, spec.unembed)
+    prefix = _record_output(model, layer_name, batch.model_inputs())
+    kl_rows = n_rw + torch.arange(n, device=device)
     m = torch.zeros_like(delta)
     v = torch.zeros_like(delta)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -148,17 +201,17 @@ def compute_values(
     steps = torch.zeros(n, dtype=torch.long, device=device)
     kl_init = None
     history = []
-    layer_name = f"{spec.layers}.{layer}"
     for it in range(num_steps):
-        with edit_output(model, layer_name, add_delta):
-            logits = model(**batch.model_inputs(), use_cache=False).logits
+        # Layers up to `layer` are replayed, and the LM head runs only where a loss reads it:
+        # the target positions and the KL position (most of the cost otherwise).
+        with replay_prefix(model, spec, layer, prefix), edit_output(model, layer_name, add_delta):
+            hidden = base(**batch.model_inputs(), use_cache=False).last_hidden_state
         first = False
-        # Only the target positions need a softmax: gather them before normalising.
-        tgt_logits = logits[:n_rw].gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        tok_logp = tgt_logits.float().log_softmax(-1).gather(2, tgt_ids.unsqueeze(-1)).squeeze(-1)
+        tgt_hidden = hidden[:n_rw].gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        tok_logp = unembed(tgt_hidden).float().log_softmax(-1).gather(2, tgt_ids.unsqueeze(-1)).squeeze(-1)
         nll_rows = -(tok_logp * tgt_mask).sum(1) / tgt_mask.sum(1)
         nll = nll_rows.view(n, n_t).mean(1)
-        kl_logp = logits[n_rw + torch.arange(n, device=device), batch.lookup[n_rw:]].float().log_softmax(-1)
+        kl_logp = unembed(hidden[kl_rows, batch.lookup[n_rw:]]).float().log_softmax(-1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
