@@ -626,6 +626,10 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def _as_list(items: Sequence[Any]) -> list[Any]:
+    return list(items)
+
+
 class _StepStream(IterableDataset):
     """Yields the remaining steps as `StepBatch`es, from the module's cursor at `iter()` time.
 
@@ -683,6 +687,8 @@ class EditDataModule(LightningDataModule):
         split: str = "train",
         world_size: int | None = None,
         rank: int | None = None,
+        eval_batch_size: int = 16,
+        predict_prompts: list[str] | None = None,
     ):
         """
         Args:
@@ -698,6 +704,9 @@ class EditDataModule(LightningDataModule):
             split: Split to read from a hub dataset or a local folder.
             world_size: Number of ranks when no Trainer is attached (tests); else the Trainer's.
             rank: This rank when no Trainer is attached (tests); else the Trainer's global rank.
+            eval_batch_size: Cases per batch in validate/test (the cases edited so far; all
+                selected cases when nothing has been edited yet).
+            predict_prompts: Prompts answered by `predict` (default: the edited cases' prompts).
         """
         super().__init__()
         _check_options(format, on_invalid, limit, offset, seed)
@@ -717,6 +726,15 @@ class EditDataModule(LightningDataModule):
             raise ValueError(
                 f"data.rank must be in [0, data.world_size), got {rank!r} (world_size {world_size})"
             )
+        if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+        if predict_prompts is not None and (
+            not isinstance(predict_prompts, (list, tuple))
+            or not all(isinstance(p, str) and p.strip() for p in predict_prompts)
+        ):
+            raise ValueError(f"data.predict_prompts must be a list of non-empty strings, got {predict_prompts!r}")
+        self.eval_batch_size = eval_batch_size
+        self.predict_prompts = list(predict_prompts) if predict_prompts is not None else None
         self.path, self.format, self.batch_size = path, format, batch_size
         self.limit, self.offset, self.seed = limit, offset, seed
         self.on_invalid, self.split = on_invalid, split
@@ -785,6 +803,22 @@ class EditDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Yields one `StepBatch` per step, from the cursor on, in a fixed order."""
         return DataLoader(_StepStream(self), batch_size=None, num_workers=0, collate_fn=_identity)
+
+    def edited_cases(self) -> list[EditCase]:
+        """The cases edited so far; all selected cases before the first edit (a baseline)."""
+        return self.cases[: self.cursor] if self.cursor else list(self.cases)
+
+    def val_dataloader(self) -> DataLoader:
+        """Batches of edited cases (lists of `EditCase`) for evaluation."""
+        return DataLoader(self.edited_cases(), batch_size=self.eval_batch_size, collate_fn=_as_list)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of prompts (lists of str): `predict_prompts`, else the edited cases' prompts."""
+        prompts = self.predict_prompts or [case.prompt for case in self.edited_cases()]
+        return DataLoader(prompts, batch_size=self.eval_batch_size, collate_fn=_as_list)
 
     # -- progress ------------------------------------------------------------------------------
 

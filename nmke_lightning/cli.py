@@ -1,0 +1,64 @@
+"""`python -m nmke_lightning {fit,validate,test,predict}`: LightningCLI for edit sessions.
+
+``fit`` runs a lifelong edit session; ``validate``/``test`` evaluate a saved one
+(``--ckpt_path``); ``predict`` answers prompts with the edited model. The edit-session callbacks
+are always present and configured under their own keys (``checkpoint``, ``masks``, ``entropy``,
+``summary``, ``progress``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import EditCheckpoint, EditProgressBar, EditSummary, EntropyTracker, MaskRecomputation
+from .data import EditDataModule
+from .module import EditModule
+from . import strategies  # noqa: F401  (registers the edit_ddp strategies)
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # one epoch = the rest of the edit stream
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "default_root_dir": "outputs",
+    "log_every_n_steps": 1,
+}
+
+
+class EditCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(MaskRecomputation, "masks")
+        parser.add_lightning_class_args(EntropyTracker, "entropy")
+        parser.add_lightning_class_args(EditSummary, "summary")
+        parser.add_lightning_class_args(EditProgressBar, "progress")
+
+
+def _quiet_known_warnings() -> None:
+    # An edit session has no optimizer by design, and an iterable stream has no length.
+    for pattern in (
+        ".*configure_optimizers.*returned.*None.*",
+        ".*does not have many workers.*",
+        ".*IterableDataset.*has `__len__`.*",
+        ".*Total length of .* across ranks is zero.*",
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+        ".*module\\(s\\) in eval mode.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(args: list[str] | None = None) -> EditCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    # `--print_config` alone prints the config with every option's documentation as comments.
+    argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    _quiet_known_warnings()
+    return EditCLI(
+        EditModule,
+        EditDataModule,
+        args=argv,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

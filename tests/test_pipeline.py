@@ -1,0 +1,134 @@
+"""The Lightning pipeline: configs build, crash-then-resume equals an uninterrupted run, CPU DDP
+equals a single process, validate/predict on a saved session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from safetensors.torch import load_file, save_file
+
+from nmke_lightning.cli import main
+from nmke_lightning.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+class KillBeforeStep(Callback):
+    """Simulates a killed session: raises at the start of edit step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.edit_state.steps == self.step:
+            raise RuntimeError(f"killed before step {self.step}")
+
+
+class DumpWeights(Callback):
+    """Every rank writes its edited matrices, to check ranks hold identical weights."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module):
+        tensors = {str(l): w.detach().cpu().contiguous() for l, w in pl_module.edited_weights().items()}
+        save_file(tensors, os.path.join(self.dirpath, f"rank{trainer.global_rank}.safetensors"))
+
+
+def tiny_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+        "--trainer.default_root_dir", str(tmp_path / name / "out"),
+        "--checkpoint.dirpath", str(tmp_path / name / "ckpt"),
+        "--checkpoint.every_n_steps", "1",
+        "--model.stats.cache_dir", str(tmp_path / "stats"),
+        "--progress.refresh_rate", "0",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_builds(config):
+    from nmke_lightning.cli import EditCLI, TRAINER_DEFAULTS
+    from nmke_lightning.data import EditDataModule
+    from nmke_lightning.module import EditModule
+
+    cli = EditCLI(EditModule, EditDataModule, args=["--config", str(config)], run=False,
+                  trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
+    assert isinstance(cli.model, EditModule) and isinstance(cli.datamodule, EditDataModule)
+    assert cli.model.editor_config.layers
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    main(tiny_args(tmp_path, "whole"))
+    with pytest.raises(RuntimeError, match="killed before step 2"):
+        main(tiny_args(tmp_path, "resumed", "--trainer.callbacks+=tests.test_pipeline.KillBeforeStep",
+                       "--trainer.callbacks.step=2"))
+    killed_dir = tmp_path / "resumed" / "ckpt"
+    assert (killed_dir / "last.ckpt").exists() and not (killed_dir / "step-000003.ckpt").exists()
+    main(tiny_args(tmp_path, "resumed", "--ckpt_path", "last"))
+
+    whole = load_file(tmp_path / "whole" / "ckpt" / "edited-last.safetensors")
+    resumed = load_file(killed_dir / "edited-last.safetensors")
+    assert whole.keys() == resumed.keys() and len(whole) == 2
+    for name in whole:
+        assert float((whole[name] - resumed[name]).abs().max()) <= 1e-6
+        assert float((whole[name] - load_model("tiny-llama").model.state_dict()[name]).abs().max()) > 1e-4
+    a = torch.load(tmp_path / "whole" / "ckpt" / "last.ckpt", weights_only=False)
+    b = torch.load(killed_dir / "last.ckpt", weights_only=False)
+    assert a["nmke"]["edit_state"]["edits"] == b["nmke"]["edit_state"]["edits"] == 8
+    assert a["nmke"]["edit_state"]["templates"] == b["nmke"]["edit_state"]["templates"]
+    for l, cp in a["nmke"]["edit_state"]["past_cov"].items():
+        assert torch.allclose(cp, b["nmke"]["edit_state"]["past_cov"][l], rtol=1e-6, atol=1e-9)
+    assert a["EditDataModule"]["cursor"] == b["EditDataModule"]["cursor"] == 8
+    # The checkpoint holds the edits, not the model.
+    model_bytes = sum(p.numel() * p.element_size() for p in load_model("tiny-llama").model.parameters())
+    ckpt_bytes = (killed_dir / "last.ckpt").stat().st_size
+    assert ckpt_bytes < 0.35 * model_bytes, (ckpt_bytes, model_bytes)
+    assert "config" in b["nmke"] and "tiny-llama" in b["nmke"]["config"]
+
+
+def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
+    single = tmp_path / "single"
+    main(tiny_args(tmp_path, "single"))
+    dump = tmp_path / "ranks"
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "nmke_lightning", *tiny_args(
+        tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "edit_ddp_gloo",
+        "--trainer.callbacks+=tests.test_pipeline.DumpWeights", f"--trainer.callbacks.dirpath={dump}",
+    )]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(dump / f"rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key])
+    one = load_file(single / "ckpt" / "edited-last.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "ckpt" / "edited-last.safetensors")
+    for name in one:
+        assert float((one[name] - ddp[name]).abs().max()) <= 1e-5
+    base = load_model("tiny-llama").model.state_dict()
+    assert any(float((one[n] - base[n]).abs().max()) > 1e-4 for n in one)
+
+
+def test_validate_and_predict_a_saved_session(tmp_path, capsys):
+    main(tiny_args(tmp_path, "run"))
+    ckpt = str(tmp_path / "run" / "ckpt" / "last.ckpt")
+    common = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--model.stats.cache_dir", str(tmp_path / "stats"),
+              "--trainer.default_root_dir", str(tmp_path / "eval"), "--progress.refresh_rate", "0"]
+    cli = main(["validate", *common, "--ckpt_path", ckpt])
+    # The evaluated model carries the saved edits.
+    saved = load_file(tmp_path / "run" / "ckpt" / "edited-last.safetensors")
+    for l, w in cli.model.edited_weights().items():
+        assert torch.equal(w.detach(), saved[f"model.layers.{l}.mlp.down_proj.weight"])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/rewrite_acc", "val/paraphrase_acc", "val/neighbourhood_acc"} <= set(metrics)
+    cli = main(["predict", *common, "--ckpt_path", ckpt, "--data.predict_prompts", '["The capital of France is"]'])
+    answers = cli.trainer.predict_loop.predictions
+    assert answers[0][0]["prompt"] == "The capital of France is" and isinstance(answers[0][0]["completion"], str)
