@@ -92,9 +92,9 @@ class EditCheckpoint(ModelCheckpoint):
 
         dirpath = Path(self.dirpath)
         path = str(dirpath / f"{name}.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         last = str(dirpath / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         self.last_model_path = last
         if trainer.is_global_zero:
             save_edited_matrices(pl_module, dirpath / f"edited-{name}.safetensors")

@@ -310,6 +310,8 @@ def summary_table(summary: dict[str, Any]):
         table.add_row(f"s/edit {phase}", fmt(seconds))
     for layer, share in summary["kept_share"].items():
         table.add_row(f"kept share layer {layer}", fmt(share))
+    for name, value in (summary.get("evaluation") or {}).items():
+        table.add_row(name, fmt(value))
     table.add_row("checkpoints", fmt(summary.get("checkpoint_dir")))
     return table
 
@@ -356,6 +358,9 @@ class EditSummary(Callback):
             method=getattr(config, "method", None),
             layers=list(getattr(config, "layers", None) or []),
             checkpoint_dir=str(dirpath) if dirpath else None,
+            # After the last step fit evaluates every edited case (the lifelong protocol).
+            evaluation={k: float(v) for k, v in sorted(getattr(trainer, "callback_metrics", {}).items())
+                        if k.startswith("val/")},
         )
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -8,6 +8,7 @@ are always present and configured under their own keys (``checkpoint``, ``masks`
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 
@@ -45,14 +46,29 @@ def _quiet_known_warnings() -> None:
         ".*Total length of .* across ranks is zero.*",
         ".*isinstance\\(treespec, LeafSpec\\).*",
         ".*module\\(s\\) in eval mode.*",
+        ".*LightningCLI's args parameter is intended.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _document_dataclass_fields() -> None:
+    """Let --help and --print_config show the docstring under each config dataclass field."""
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (ImportError, TypeError):  # older jsonargparse
+        from jsonargparse import set_docstring_parse_options
+
+        set_docstring_parse_options(attribute_docstrings=True)
+
+
 def main(args: list[str] | None = None) -> EditCLI:
+    _document_dataclass_fields()
     argv = list(sys.argv[1:] if args is None else args)
     # `--print_config` alone prints the config with every option's documentation as comments.
-    argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    if importlib.util.find_spec("ruamel") is not None:  # comments need ruamel.yaml
+        argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     _quiet_known_warnings()
     return EditCLI(
         EditModule,

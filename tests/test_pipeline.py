@@ -133,3 +133,39 @@ def test_validate_and_predict_a_saved_session(tmp_path, capsys):
     cli = main(["predict", *common, "--ckpt_path", ckpt, "--data.predict_prompts", '["The capital of France is"]'])
     answers = cli.trainer.predict_loop.predictions
     assert answers[0][0]["prompt"] == "The capital of France is" and isinstance(answers[0][0]["completion"], str)
+
+
+def test_print_config_is_commented(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "model_name: tiny-llama" in out
+    assert "# Indices of the decoder layers whose MLP down-projection is edited" in out
+
+
+def test_mask_schedule():
+    from nmke_lightning.callbacks import MaskRecomputation
+
+    every = MaskRecomputation()
+    assert [every.should_recompute(s, True) for s in range(4)] == [True] * 4
+    third = MaskRecomputation(every_n_steps=3)
+    assert [third.should_recompute(s, True) for s in range(7)] == [True, False, False, True, False, False, True]
+    frozen = MaskRecomputation(freeze_after=2)
+    assert [frozen.should_recompute(s, True) for s in range(5)] == [True, True, False, False, False]
+    assert frozen.should_recompute(7, have_masks=False)  # nothing to reuse yet (e.g. after a resume)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        MaskRecomputation(every_n_steps=0)
+
+
+@pytest.mark.parametrize("freeze", [None, 1])
+def test_frozen_masks_are_reused(tmp_path, freeze):
+    extra = [] if freeze is None else ["--masks.freeze_after", str(freeze)]
+    cli = main(tiny_args(tmp_path, "masks", *extra))
+    history = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EntropyTracker").history
+    shares = [tuple(step["masks"][layer]["kept_share"] for layer in sorted(step["masks"])) for step in history]
+    assert len(shares) == 4
+    if freeze:
+        assert len(set(shares)) == 1
+    else:
+        assert len(set(shares)) > 1
