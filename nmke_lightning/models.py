@@ -218,12 +218,8 @@ def _byte_symbols() -> list[str]:
     return symbols
 
 
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A training-free byte-level tokenizer: token id = byte value (0..255), plus ``<|endoftext|>``
-    (id 256) as eos, bos and pad. Offsets map each byte token to the character it belongs to."""
-    vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
-    # No merges: every byte stays its own token.
-    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+def _wrap_byte_level(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A byte-level BPE backend as a transformers tokenizer with <|endoftext|> as eos, bos and pad."""
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
@@ -234,6 +230,15 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="right",
         model_max_length=_TINY_MAX_POSITIONS,
     )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A training-free byte-level tokenizer: token id = byte value (0..255), plus ``<|endoftext|>``
+    (id 256) as eos, bos and pad. Offsets map each byte token to the character it belongs to."""
+    vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+    # No merges: every byte stays its own token.
+    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    return _wrap_byte_level(backend)
 
 
 TINY_VOCAB = 1024
@@ -250,20 +255,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     text = sample_path("wikitext_cov.txt").read_text(encoding="utf-8")[:200_000]
     backend = Tokenizer(tokenizer_models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB, special_tokens=[ENDOFTEXT], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(text.splitlines(), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=ENDOFTEXT,
-        bos_token=ENDOFTEXT,
-        pad_token=ENDOFTEXT,
-        padding_side="right",
-        model_max_length=_TINY_MAX_POSITIONS,
-    )
+    return _wrap_byte_level(backend)
 
 
 def _build_tiny(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

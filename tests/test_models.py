@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BertConfig
 from nmke_lightning import models
 from nmke_lightning.models import (
     BUILTIN_MODELS,
+    TINY_VOCAB,
     LoadedModel,
     arch_for,
     byte_level_tokenizer,
@@ -43,7 +44,7 @@ def test_tiny_model_is_frozen_and_deterministic_by_seed(name):
     assert not any(p.requires_grad for p in model.parameters())
     assert model.dtype == torch.float32
     assert first.spec is arch_for(model)
-    assert model.config.vocab_size == len(tokenizer) == 257
+    assert model.config.vocab_size == len(tokenizer) == TINY_VOCAB
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
     assert tokenizer.padding_side == "right"
     assert model.config.eos_token_id == model.config.pad_token_id == tokenizer.eos_token_id

@@ -72,8 +72,8 @@ class EditorConfig:
     """Scale s of a neuron's sub-value in the attribution score."""
     prob_floor: float = 1e-8
     """Probabilities are clamped to [prob_floor, 1 - prob_floor] before the log in the attribution score."""
-    neuron_chunk: int = 64
-    """Neurons scored at once in the attribution (bounds memory: prompts x chunk x vocabulary floats)."""
+    neuron_chunk: int | None = None
+    """Neurons scored at once in the attribution (memory: prompts x chunk x vocabulary floats); None picks the largest chunk within 128 MiB."""
     mask: MaskConfig = field(default_factory=MaskConfig)
     """Entropy-guided ratios and mask selection."""
     context_starts: tuple[str, ...] = DEFAULT_STARTS
@@ -106,7 +106,9 @@ class EditorConfig:
         for name in ("kl_factor", "v_weight_decay", "v_loss_stop", "mom2_update_weight", "l2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"editor.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("v_num_grad_steps", "neuron_chunk", "context_length", "context_per_start"):
+        if self.neuron_chunk is not None and self.neuron_chunk < 1:
+            raise ValueError(f"editor.neuron_chunk must be >= 1 or None, got {self.neuron_chunk}")
+        for name in ("v_num_grad_steps", "context_length", "context_per_start"):
             if getattr(self, name) < 1:
                 raise ValueError(f"editor.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.prob_floor < 0.5:
@@ -225,17 +227,23 @@ def compute_masks(
     """NMKE neuron masks of every edited layer on the model as it is now."""
     spec = spec or arch_for(model)
     gather = gather or _no_gather
-    batch = prompt_batch(tokenizer, requests, templates)
-    inputs = read_attribution_inputs(model, spec, batch, config.layers, config.attribution_position)
+    device = next(model.parameters()).device
+    inputs = None
+    if requests:  # a process may have no share of a small step, but still takes part in the gather
+        batch = prompt_batch(tokenizer, requests, templates)
+        inputs = read_attribution_inputs(model, spec, batch, config.layers, config.attribution_position)
     final_norm = get_module(model, spec.final_norm)
     unembed = get_module(model, spec.unembed)
     masks = {}
     for l in config.layers:
-        scores = attribution_scores(
-            inputs.resid[l], inputs.keys[l], inputs.final_scale, spec.read_weight(model, l),
-            final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
-            amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
-        )
+        if inputs is None:
+            scores = torch.zeros(0, spec.d_ff(model, l), device=device)
+        else:
+            scores = attribution_scores(
+                inputs.resid[l], inputs.keys[l], inputs.final_scale, spec.read_weight(model, l),
+                final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
+                amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
+            )
         masks[l] = neuron_mask(gather(scores), config.mask)
     return masks
 
@@ -284,7 +292,7 @@ def edit_step(
     z = gather(values.z if values is not None else torch.zeros(0, d, device=device))  # [n, d]
     t = clock.add("z", t)
 
-    batch = prompt_batch(tokenizer, requests, templates)
+    batch = prompt_batch(tokenizer, requests, templates) if requests else None
     n_t = len(templates)
     deltas: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(config.layers):
