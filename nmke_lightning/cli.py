@@ -29,12 +29,30 @@ TRAINER_DEFAULTS = {
 
 
 class EditCLI(LightningCLI):
+    def _instantiate_trainer(self, config, callbacks):
+        # The default logger: TensorBoard (when installed) and CSV, both under default_root_dir.
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(config.get("default_root_dir") or "outputs")
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
         parser.add_lightning_class_args(MaskRecomputation, "masks")
         parser.add_lightning_class_args(EntropyTracker, "entropy")
         parser.add_lightning_class_args(EditSummary, "summary")
         parser.add_lightning_class_args(EditProgressBar, "progress")
+
+
+def default_loggers(root: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        loggers.append(TensorBoardLogger(root, name="lightning_logs"))
+        loggers.append(CSVLogger(root, name="lightning_logs", version=loggers[0].version))
+    else:
+        loggers.append(CSVLogger(root, name="lightning_logs"))
+    return loggers
 
 
 def _quiet_known_warnings() -> None:

@@ -10,19 +10,35 @@ saved in the checkpoint under ``checkpoint["nmke"]``; the frozen base model is n
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from .data import EditCase, StepBatch, sample_path
 from .editing.editor import EditorConfig, EditState, StepResult, edit_step
 from .editing.masks import NeuronMask
 from .editing.stats import layer_covariances, model_fingerprint
-from .editing.tokens import encode
+from .evaluation import (
+    REPORT_SCHEMA_VERSION,
+    finite,
+    peak_memory,
+    plot_curve,
+    report_table,
+    write_json,
+    EvalConfig,
+    capability_metrics,
+    case_metrics,
+    facts_known,
+    heldout_facts,
+    locality_predictions,
+    summarise_metrics,
+    update_capability,
+    update_case_metrics,
+)
 from .editing.values import generate_context_templates
 from .models import LoadedModel, default_cache_dir, load_model
 from .strategies import gather_rows, sum_all
@@ -95,6 +111,7 @@ class EditModule(LightningModule):
         stats: StatsConfig = StatsConfig(),
         checkpoint_projectors: bool = False,
         predict_max_new_tokens: int = 10,
+        evaluation: EvalConfig = EvalConfig(),
     ):
         """
         Args:
@@ -108,16 +125,20 @@ class EditModule(LightningModule):
                 during a session and are rebuilt exactly from the statistics cache on resume, so
                 by default checkpoints hold only what changed.
             predict_max_new_tokens: Tokens generated per prompt by `predict`.
+            evaluation: Pre-edit baseline, periodic curve and final evaluation settings.
         """
         super().__init__()
         if isinstance(editor, dict):
             editor = EditorConfig(**editor)
         if isinstance(stats, dict):
             stats = StatsConfig(**stats)
+        if isinstance(evaluation, dict):
+            evaluation = EvalConfig(**evaluation)
         self.save_hyperparameters({"editor": asdict(editor), "model_name": model_name, "dtype": dtype,
                                    "gguf_file": gguf_file, "model_seed": model_seed, "stats": asdict(stats),
                                    "checkpoint_projectors": checkpoint_projectors,
-                                   "predict_max_new_tokens": predict_max_new_tokens})
+                                   "predict_max_new_tokens": predict_max_new_tokens,
+                                   "evaluation": asdict(evaluation)})
         self.editor_config = editor
         self.stats_config = stats
         self.model_name = model_name
@@ -133,10 +154,21 @@ class EditModule(LightningModule):
         self.fingerprint: str | None = None
         self._pending: dict | None = None
         self._applied_pending = False
-        self._metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": MeanMetric()
-            for stage in ("val", "test") for name in ("rewrite", "paraphrase", "neighbourhood")
-        })
+        self.eval_config = evaluation
+        self.stage_metrics = torch.nn.ModuleDict({stage: case_metrics() for stage in ("val", "test")})
+        self.stage_capability = torch.nn.ModuleDict({stage: capability_metrics() for stage in ("val", "test")})
+        self.unedited_locality: dict[int, list[list[int]]] | None = None
+        """The unedited model's answers on every case's neighbourhood prompts (locality baseline)."""
+        self.facts_known_before: torch.Tensor | None = None
+        """Which held-out facts the unedited model answered right (retention baseline)."""
+        self.baseline: dict | None = None
+        """The pre-edit evaluation (metrics of the unedited model on the session's cases)."""
+        self.curve: list[dict] = []
+        """Periodic evaluations: step, edits so far and the metrics of a sample of them."""
+        self.timing_totals: dict[str, float] = {}
+        """Seconds per phase summed over all steps (resumes included)."""
+        self.final_evaluation: dict | None = None
+        self.covariance_seconds: float | None = None
         self.predict_max_new_tokens = predict_max_new_tokens
 
     # -- model -----------------------------------------------------------------------------------
@@ -188,11 +220,13 @@ class EditModule(LightningModule):
             state.count = int(count.item())
             return state
 
+        started = time.perf_counter()
         cov, n_tokens = layer_covariances(
             self.lm.model, self.spec, self.lm.tokenizer, st.text(), cfg.layers, st.n_tokens, st.seq_len,
             st.batch_size, cache_dir=cache, model_id=self.fingerprint, shard=(rank, world),
             reduce=reduce if world > 1 else None,
         )
+        self.covariance_seconds = time.perf_counter() - started
         self.edit_state = EditState.create(self.lm.model, cfg, cov, self.spec)
         if cfg.uses_projection:
             dims = {l: int(b.shape[1]) for l, b in self.edit_state.basis.items()}
@@ -225,6 +259,7 @@ class EditModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._prepare_editing()
+        self._prepare_baseline()
         self._apply_pending()
         self._ensure_templates()
 
@@ -243,8 +278,6 @@ class EditModule(LightningModule):
         return None
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> None:
-        import time
-
         start = time.perf_counter()
         self.lm.model.eval()
         requests = [c.request for c in batch.cases]
@@ -257,7 +290,10 @@ class EditModule(LightningModule):
         record = self._record(batch, result, time.perf_counter() - start)
         self.last_step = record
         self._log_step(record, len(batch.all_cases))
+        for phase, seconds in result.timings.items():
+            self.timing_totals[phase] = self.timing_totals.get(phase, 0.0) + seconds
         self.trainer.datamodule.advance(batch)
+        self._periodic_evaluation()
 
     @torch.no_grad()
     def edit_success(self, cases: list[EditCase]) -> torch.Tensor:
@@ -318,43 +354,127 @@ class EditModule(LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def token_accuracy(self, prompts: list[str], targets: list[str]) -> torch.Tensor:
-        """Per pair, the share of target tokens that are the top-1 prediction (teacher forced)."""
-        tok = self.lm.tokenizer
-        suffixes = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
-        batch = encode(tok, prompts, suffix_ids=suffixes).to(self.device)
-        logits = self.lm.model(**batch.model_inputs(), use_cache=False).logits
-        out = torch.zeros(len(prompts), device=self.device)
-        for i, suffix in enumerate(suffixes):
-            end = int(batch.last[i]) + 1
-            start = end - len(suffix)
-            predicted = logits[i, start - 1 : end - 1].argmax(-1)
-            out[i] = (predicted == batch.input_ids[i, start:end]).float().mean()
-        return out
+    def _shard(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
-    def _evaluate(self, cases: list[EditCase], stage: str) -> None:
-        pairs = {"rewrite": [], "paraphrase": [], "neighbourhood": []}
-        for case in cases:
-            request = case.request
-            pairs["rewrite"].append((case.prompt, request.target_text))
-            pairs["paraphrase"] += [(p, request.target_text) for p in case.paraphrases]
-            pairs["neighbourhood"] += [(p, _continuation(p, a)) for p, a in case.neighbourhood if a]
-        for name, items in pairs.items():
-            if items:
-                acc = self.token_accuracy([p for p, _ in items], [t for _, t in items])
-                metric = self._metric(stage, name)
-                metric.update(acc)
-                self.log(f"{stage}/{name}_acc", metric, on_step=False, on_epoch=True, batch_size=len(items))
+    def _evaluate_sample(self, cases: list[EditCase]) -> dict:
+        """Case metrics of `cases` (this rank takes every W-th), reduced over ranks."""
+        rank, world = self._shard()
+        metrics = case_metrics().to(self.device)
+        update_case_metrics(metrics, self.lm.model, self.lm.tokenizer, cases[rank::world],
+                            self.unedited_locality, self.eval_config.batch_size)
+        return summarise_metrics(metrics)
 
-    def _metric(self, stage: str, name: str):
-        return self._metrics[f"{stage}_{name}"]
+    def _prepare_baseline(self) -> None:
+        """On the UNEDITED model, once per session: what locality and retention compare with, and
+        the pre-edit metrics of the session's cases."""
+        if self.unedited_locality is not None or self._pending is not None:
+            return
+        cfg = self.eval_config
+        cases = self.trainer.datamodule.cases
+        rank_zero_info(f"evaluation: pre-edit baseline on {len(cases)} cases")
+        self.unedited_locality = locality_predictions(self.lm.model, self.lm.tokenizer, cases, cfg.batch_size)
+        facts = heldout_facts(cfg)
+        self.facts_known_before = facts_known(self.lm.model, self.lm.tokenizer, facts, cfg.batch_size) if facts else None
+        capability = capability_metrics().to(self.device)
+        update_capability(capability, self.lm.model, self.lm.tokenizer, cfg, [c.prompt for c in cases], facts,
+                          self.facts_known_before, self._shard())
+        self.baseline = {**self._evaluate_sample(cases), **summarise_metrics(capability)}
+
+    def _periodic_evaluation(self) -> None:
+        cfg = self.eval_config
+        steps = self.edit_state.steps
+        if not cfg.every_n_steps or steps % cfg.every_n_steps:
+            return
+        edited = self.trainer.datamodule.cases[: self.trainer.datamodule.cursor]
+        generator = torch.Generator().manual_seed(steps)
+        pick = torch.randperm(len(edited), generator=generator)[: cfg.sample_size].sort().values
+        result = self._evaluate_sample([edited[int(i)] for i in pick])
+        point = {"step": steps, "edits": self.edit_state.edits, "n": len(pick),
+                 "metrics": {k: v["value"] for k, v in result.items()}}
+        self.curve.append(point)
+        self.log_dict({f"curve/{k}": v for k, v in point["metrics"].items()}, on_step=True, on_epoch=False)
+
+    def _stage(self) -> str:
+        return "test" if self.trainer.testing else "val"
 
     def validation_step(self, batch: list[EditCase], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluation_step(batch)
 
     def test_step(self, batch: list[EditCase], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluation_step(batch)
+
+    def _evaluation_step(self, batch: list[EditCase]) -> None:
+        update_case_metrics(self.stage_metrics[self._stage()], self.lm.model, self.lm.tokenizer, batch,
+                            self.unedited_locality, self.eval_config.batch_size)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation()
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation()
+
+    def _finish_evaluation(self) -> None:
+        """After the evaluation loop: general capability, then every metric reduced, logged and
+        kept for the report (the lifelong protocol: every edited case after all steps)."""
+        stage = self._stage()
+        data = self.trainer.datamodule
+        capability = self.stage_capability[stage]
+        facts = heldout_facts(self.eval_config) if self.facts_known_before is not None else []
+        update_capability(capability, self.lm.model, self.lm.tokenizer, self.eval_config,
+                          [c.prompt for c in data.edited_cases()], facts, self.facts_known_before, self._shard())
+        result = {**summarise_metrics(self.stage_metrics[stage]), **summarise_metrics(capability)}
+        for metric in list(self.stage_metrics[stage].values()) + list(capability.values()):
+            metric.reset()
+        self.final_evaluation = {"stage": stage, "cases": len(data.edited_cases()), "metrics": result}
+        self.log_dict({f"{stage}/{k}": v["value"] for k, v in result.items() if v["value"] == v["value"]},
+                      on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+        self._write_report()
+
+    def report(self) -> dict:
+        """report.json's content (schema: `evaluation.REPORT_SCHEMA`)."""
+        final = self.final_evaluation
+        data = self.trainer.datamodule
+        state = self.edit_state
+        steps = state.steps if state is not None else int((self._pending or {}).get("edit_state", {}).get("steps", 0))
+        edits = state.edits if state is not None else int((self._pending or {}).get("edit_state", {}).get("edits", 0))
+        cfg = self.editor_config
+        return finite({
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "model": self.model_name,
+            "method": cfg.method,
+            "mask_mode": cfg.mask_mode if cfg.method == "nmke" else None,
+            "layers": list(cfg.layers),
+            "protocol": {
+                "stage": final["stage"], "steps": steps, "edits": edits, "edits_per_step": data.batch_size,
+                "evaluated_cases": final["cases"], "data": data.path, "format": data.resolved_format,
+            },
+            "metrics": final["metrics"],
+            "baseline": self.baseline,
+            "curve": self.curve,
+            "timings": {
+                "seconds_per_edit": {k: v / max(edits, 1) for k, v in self.timing_totals.items()},
+                "total_seconds": dict(self.timing_totals),
+                "covariance_seconds": self.covariance_seconds,
+            },
+            "memory": peak_memory(),
+        })
+
+    def _write_report(self) -> None:
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective under DDP
+        if not self.trainer.is_global_zero:
+            return
+        report = self.report()
+        path = directory / "report.json"
+        write_json(path, report)
+        plot = plot_curve(report["curve"], {"edits": report["protocol"]["edits"], "metrics": report["metrics"]},
+                          directory / "metrics.png")
+        from rich import get_console
+
+        get_console().print(report_table(report))
+        rank_zero_info(f"report: {path.resolve()} (plot {plot})")
 
     @torch.no_grad()
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, str]]:
@@ -395,6 +515,13 @@ class EditModule(LightningModule):
             saved["edit_state"] = sd
         elif self._pending is not None:  # saved before editing resumed: keep what was loaded
             saved["edit_state"] = self._pending["edit_state"]
+        saved["evaluation"] = {
+            "unedited_locality": self.unedited_locality,
+            "facts_known_before": self.facts_known_before,
+            "baseline": self.baseline,
+            "curve": self.curve,
+            "timing_totals": self.timing_totals,
+        }
         checkpoint[CHECKPOINT_KEY] = saved
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -412,15 +539,17 @@ class EditModule(LightningModule):
             )
         self._pending = saved
         self._applied_pending = False
+        evaluation = saved.get("evaluation") or {}
+        self.unedited_locality = evaluation.get("unedited_locality")
+        self.facts_known_before = evaluation.get("facts_known_before")
+        self.baseline = evaluation.get("baseline")
+        self.curve = list(evaluation.get("curve") or [])
+        self.timing_totals = dict(evaluation.get("timing_totals") or {})
         rng = saved.get("rng") or {}
         if rng.get("torch") is not None:
             torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _continuation(prompt: str, answer: str) -> str:
-    return answer if prompt.endswith((" ", "\n")) or answer.startswith((" ", "\n")) else " " + answer
 
 
 def save_edited_matrices(module: EditModule, path: str | os.PathLike) -> None:

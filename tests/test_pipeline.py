@@ -1,6 +1,7 @@
 """The Lightning pipeline: configs build, crash-then-resume equals an uninterrupted run, CPU DDP
 equals a single process, validate/predict on a saved session."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     ckpt_bytes = (killed_dir / "last.ckpt").stat().st_size
     assert ckpt_bytes < 0.35 * model_bytes, (ckpt_bytes, model_bytes)
     assert "config" in b["nmke"] and "tiny-llama" in b["nmke"]["config"]
+    # The pre-edit baseline survives the kill: computed once, on the unedited model, and kept.
+    assert json.dumps(a["nmke"]["evaluation"]["baseline"]) == json.dumps(b["nmke"]["evaluation"]["baseline"])
+    assert a["nmke"]["evaluation"]["unedited_locality"] == b["nmke"]["evaluation"]["unedited_locality"]
 
 
 def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
@@ -134,7 +138,12 @@ def test_validate_and_predict_a_saved_session(tmp_path, capsys):
     for l, w in cli.model.edited_weights().items():
         assert torch.equal(w.detach(), saved[f"model.layers.{l}.mlp.down_proj.weight"])
     metrics = cli.trainer.callback_metrics
-    assert {"val/rewrite_acc", "val/paraphrase_acc", "val/neighbourhood_acc"} <= set(metrics)
+    assert {"val/reliability", "val/token_generalization", "val/locality_answer", "val/efficacy",
+            "val/locality_unedited", "val/score", "val/perplexity"} <= set(metrics)
+    # Locality is judged against the unedited model's answers saved with the session.
+    assert cli.model.unedited_locality is not None and cli.model.baseline is not None
+    report = next((tmp_path / "eval").rglob("report.json"))
+    assert report.exists()
     cli = main(["predict", *common, "--ckpt_path", ckpt, "--data.predict_prompts", '["The capital of France is"]'])
     answers = cli.trainer.predict_loop.predictions
     assert answers[0][0]["prompt"] == "The capital of France is" and isinstance(answers[0][0]["completion"], str)
