@@ -656,6 +656,20 @@ class _StepStream(IterableDataset):
             step += 1
 
 
+class _CaseShard(IterableDataset):
+    """This rank's share of the edited cases, in batches of `eval_batch_size`."""
+
+    def __init__(self, owner: EditDataModule):
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[list[EditCase]]:
+        world_size, rank = self.owner.distributed()
+        mine = self.owner.edited_cases()[rank::world_size]
+        size = self.owner.eval_batch_size
+        for start in range(0, len(mine), size):
+            yield mine[start : start + size]
+
+
 def _fingerprint(cases: Sequence[EditCase]) -> str:
     ids = json.dumps([case.case_id for case in cases]).encode()
     return hashlib.sha256(ids).hexdigest()
@@ -809,8 +823,10 @@ class EditDataModule(LightningDataModule):
         return self.cases[: self.cursor] if self.cursor else list(self.cases)
 
     def val_dataloader(self) -> DataLoader:
-        """Batches of edited cases (lists of `EditCase`) for evaluation."""
-        return DataLoader(self.edited_cases(), batch_size=self.eval_batch_size, collate_fn=_as_list)
+        """Batches of edited cases (lists of `EditCase`) for evaluation; under DDP each rank gets
+        every W-th case. An iterable, so Lightning adds no DistributedSampler, which would pad
+        the ranks with repeated cases and count them twice."""
+        return DataLoader(_CaseShard(self), batch_size=None, num_workers=0, collate_fn=_identity)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -124,6 +124,13 @@ def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
         assert diff <= 1e-5
     base = load_model("tiny-llama").model.state_dict()
     assert any(float((one[n] - base[n]).abs().max()) > 1e-4 for n in one)
+    # The final evaluation splits the 7 edited cases over the ranks without counting any twice.
+    single_report = json.loads(next((tmp_path / "single" / "out").rglob("report.json")).read_text())
+    ddp_report = json.loads(next((tmp_path / "ddp" / "out").rglob("report.json")).read_text())
+    for name in ("efficacy", "reliability", "locality_answer", "perplexity"):
+        assert ddp_report["metrics"][name]["n"] == single_report["metrics"][name]["n"]
+        assert ddp_report["metrics"][name]["value"] == pytest.approx(single_report["metrics"][name]["value"], abs=1e-4)
+    assert ddp_report["metrics"]["efficacy"]["n"] == 7
 
 
 def test_validate_and_predict_a_saved_session(tmp_path, capsys):
