@@ -65,6 +65,7 @@ def _quiet_known_warnings() -> None:
         ".*isinstance\\(treespec, LeafSpec\\).*",
         ".*module\\(s\\) in eval mode.*",
         ".*LightningCLI's args parameter is intended.*",
+        ".*Experiment logs directory .* exists and is not empty.*",  # TensorBoard and CSV share it
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -88,6 +89,9 @@ def main(args: list[str] | None = None) -> EditCLI:
     if importlib.util.find_spec("ruamel") is not None:  # comments need ruamel.yaml
         argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     _quiet_known_warnings()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight load would bury the session's own output
     return EditCLI(
         EditModule,
         EditDataModule,

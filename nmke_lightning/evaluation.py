@@ -345,8 +345,9 @@ def peak_memory() -> dict[str, float | None]:
     return {"peak_rss_gb": rss, "peak_cuda_gb": cuda}
 
 
-def plot_curve(curve: list[dict], final: dict | None, path: Path) -> Path:
-    """Metrics of the periodic samples (and the final evaluation) against the number of edits."""
+def plot_curve(curve: list[dict], final: dict | None, path: Path, baseline: dict | None = None) -> Path:
+    """Metrics against the number of edits: the unedited baseline at 0, the periodic samples, and
+    the final evaluation of all edited cases."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -356,17 +357,23 @@ def plot_curve(curve: list[dict], final: dict | None, path: Path) -> Path:
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    markers = "osD^v<>P"
     for i, name in enumerate(names):
-        points = [(p["edits"], p["metrics"][name]) for p in curve if p["metrics"].get(name) is not None]
+        points = []
+        if baseline and (baseline.get(name) or {}).get("value") is not None:
+            points.append((0, baseline[name]["value"]))
+        points += [(p["edits"], p["metrics"][name]) for p in curve if p["metrics"].get(name) is not None]
         if final and final["metrics"].get(name, {}).get("value") is not None:
             points.append((final["edits"], final["metrics"][name]["value"]))
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=name, color=f"C{i}")
+            # Distinct markers and dashes keep lines that coincide (several at 1.0) visible.
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle=("-", "--", ":")[i % 3],
+                    label=name, color=f"C{i}", alpha=0.85)
     ax.set_xlabel("edits")
     ax.set_ylabel("metric (share)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("editing metrics vs number of edits (periodic samples; last point: all edited cases)")
+    ax.set_title("editing metrics vs edits (0: unedited; periodic samples; last: all edited cases)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

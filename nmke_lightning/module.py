@@ -470,7 +470,7 @@ class EditModule(LightningModule):
         path = directory / "report.json"
         write_json(path, report)
         plot = plot_curve(report["curve"], {"edits": report["protocol"]["edits"], "metrics": report["metrics"]},
-                          directory / "metrics.png")
+                          directory / "metrics.png", report["baseline"])
         from rich import get_console
 
         get_console().print(report_table(report))
