@@ -197,6 +197,10 @@ def test_state_round_trip(tiny):
     other.load_state_dict(state.state_dict(include_stats=False))
     assert other.templates == state.templates and other.steps == 1 and other.edits == 1
     assert torch.equal(other.past_cov[1], state.past_cov[1]) and torch.equal(other.deltas[1], state.deltas[1])
+    assert torch.equal(state.past_cov[1], state.past_cov[1].T)  # stored as one triangle, restored exactly
+    sd = state.state_dict(include_stats=False)
+    d_ff = lm.spec.d_ff(lm.model, 1)
+    assert sd["past_cov_triu"][1].numel() == d_ff * (d_ff + 1) // 2
     with pytest.raises(ValueError, match="layers"):
         EditState.create(lm.model, EditorConfig(layers=[2]), covariances(lm, [2]), lm.spec).load_state_dict(
             state.state_dict())

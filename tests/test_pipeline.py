@@ -85,8 +85,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     b = torch.load(killed_dir / "last.ckpt", weights_only=False)
     assert a["nmke"]["edit_state"]["edits"] == b["nmke"]["edit_state"]["edits"] == 8
     assert a["nmke"]["edit_state"]["templates"] == b["nmke"]["edit_state"]["templates"]
-    for l, cp in a["nmke"]["edit_state"]["past_cov"].items():
-        assert torch.allclose(cp, b["nmke"]["edit_state"]["past_cov"][l], rtol=1e-6, atol=1e-9)
+    for l, cp in a["nmke"]["edit_state"]["past_cov_triu"].items():
+        assert torch.allclose(cp, b["nmke"]["edit_state"]["past_cov_triu"][l], rtol=1e-6, atol=1e-9)
     assert a["EditDataModule"]["cursor"] == b["EditDataModule"]["cursor"] == 8
     # The checkpoint holds the edits, not the model.
     model_bytes = sum(p.numel() * p.element_size() for p in load_model("tiny-llama").model.parameters())

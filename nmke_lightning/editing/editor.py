@@ -7,6 +7,7 @@ object with ``state_dict``/``load_state_dict``; there is no global state.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,22 @@ class EditorConfig:
         return self.method in ("alphaedit", "nmke")
 
 
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a symmetric matrix, row by row: half the bytes."""
+    rows, cols = torch.triu_indices(matrix.shape[0], matrix.shape[1], device=matrix.device)
+    return matrix[rows, cols].cpu()
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_symmetric`."""
+    n = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
+    rows, cols = torch.triu_indices(n, n)
+    out = torch.zeros(n, n, dtype=packed.dtype)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out
+
+
 @dataclass
 class EditState:
     """What persists between edit steps. Tensors are float64 except the cumulative deltas."""
@@ -161,7 +178,7 @@ class EditState:
         bases, which the one-off statistics cache can rebuild."""
         out = {
             "layers": list(self.layers),
-            "past_cov": {l: t.cpu() for l, t in self.past_cov.items()},
+            "past_cov_triu": {l: pack_symmetric(t) for l, t in self.past_cov.items()},
             "deltas": {l: t.cpu() for l, t in self.deltas.items()},
             "templates": None if self.templates is None else list(self.templates),
             "steps": self.steps,
@@ -180,7 +197,7 @@ class EditState:
                 if l in source:
                     ref = target.get(l)
                     target[l] = source[l].to(ref.device if ref is not None else "cpu")
-        put(self.past_cov, sd["past_cov"])
+        put(self.past_cov, {l: unpack_symmetric(t) for l, t in sd["past_cov_triu"].items()})
         put(self.deltas, sd["deltas"])
         if "cov" in sd:
             put(self.cov, sd["cov"])
@@ -330,7 +347,9 @@ def edit_step(
         for layer in config.layers:
             k = new_keys[layer] if requests else torch.zeros(0, spec.d_ff(model, layer), device=device)
             k = gather(k).to(torch.float64).to(state.past_cov[layer].device)  # [n, d_ff]
-            state.past_cov[layer].addmm_(k.T, k)
+            outer = k.T @ k
+            # Exactly symmetric, so checkpoints can store one triangle and restore it bitwise.
+            state.past_cov[layer] += (outer + outer.T) / 2
         t = clock.add("memory", t)
 
     state.steps += 1
