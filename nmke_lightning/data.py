@@ -60,6 +60,14 @@ def sample_path(name: str) -> Path:
     return path
 
 
+def read_text_file(path: str, option: str) -> str:
+    """The text of `path` ("sample:<file>" = shipped); a missing file names the `option`."""
+    local = sample_path(path) if path.startswith(SAMPLE_PREFIX) else Path(path).expanduser()
+    if not local.is_file():
+        raise FileNotFoundError(f"{option} {path!r}: no such file ({local})")
+    return local.read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------------------------
 # Schema
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import EditCase, load_cases, sample_path
+from .data import EditCase, load_cases, read_text_file
 from .metrics import (
     FactRetention,
     NGramEntropy,
@@ -87,10 +87,6 @@ def case_metrics() -> nn.ModuleDict:
         "locality_unedited": TokenAgreement(),
         "locality_answer": TokenAccuracy(),
     })
-
-
-def _resolve(path: str) -> Path:
-    return sample_path(path[len("sample:"):]) if path.startswith("sample:") else Path(path)
 
 
 def locality_pairs(case: EditCase) -> list[tuple[str, str]]:
@@ -194,7 +190,7 @@ def heldout_facts(config: EvalConfig) -> list[EditCase]:
     """The first `retention_n` held-out facts that have a true answer."""
     if config.retention_n == 0:
         return []
-    cases = load_cases(_resolve(config.retention_facts), on_invalid="skip").cases
+    cases = load_cases(config.retention_facts, on_invalid="skip").cases
     return [c for c in cases if c.target_true][: config.retention_n]
 
 
@@ -227,7 +223,7 @@ def update_capability(
     if prompts:
         metrics["fluency"].update(generate_greedy(model, tokenizer, prompts, config.fluency_tokens))
     if config.heldout_tokens:
-        text = _resolve(config.heldout_text).read_text(encoding="utf-8")
+        text = read_text_file(config.heldout_text, "model.evaluation.heldout_text")
         stats = perplexity_stats(model, tokenizer, text, max_tokens=config.heldout_tokens)
         metrics["perplexity"].update(stats.total_nll[rank::world], stats.n_tokens[rank::world])
     if facts and known_before is not None:

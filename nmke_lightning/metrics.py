@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torchmetrics import Metric
 
-from nmke_lightning.editing.tokens import encode, target_ids
+from nmke_lightning.editing.tokens import encode, pad_right, target_ids
 
 __all__ = [
     "FactRetention",
@@ -227,12 +227,7 @@ def perplexity_stats(
     total_nll, n_tokens = [], []
     for begin in range(0, len(rows), batch_size):
         chunk = rows[begin : begin + batch_size]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention_mask[i, : len(r)] = 1
+        input_ids, attention_mask = pad_right(chunk, pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         scored = attention_mask[:, 1:].bool()  # [B, T-1] position p predicts real token p + 1

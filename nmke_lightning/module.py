@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from .data import EditCase, StepBatch, sample_path
+from .data import EditCase, StepBatch, read_text_file
 from .editing.editor import EditorConfig, EditState, StepResult, edit_step
 from .editing.masks import NeuronMask
 from .editing.stats import layer_covariances, model_fingerprint
@@ -68,10 +68,7 @@ class StatsConfig:
                 raise ValueError(f"model.stats.{name} must be >= 1, got {getattr(self, name)}")
 
     def text(self) -> str:
-        path = sample_path(self.corpus[len("sample:"):]) if self.corpus.startswith("sample:") else Path(self.corpus)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.stats.corpus {self.corpus!r}: no such file ({path})")
-        return Path(path).read_text(encoding="utf-8")
+        return read_text_file(self.corpus, "model.stats.corpus")
 
 
 @dataclass
@@ -147,7 +144,6 @@ class EditModule(LightningModule):
         self.lm: LoadedModel | None = None
         self.edit_state: EditState | None = None
         self.masks: dict[int, NeuronMask] | None = None
-        self.mask_history: dict[int, dict[str, float]] = {}
         self.recompute_masks = True
         """Set by the MaskRecomputation callback before each step."""
         self.last_step: StepRecord | None = None

@@ -20,6 +20,7 @@ from torch import nn
 
 from .arch import ArchSpec
 from .hooks import run_until_stop, trace
+from .tokens import pad_right
 
 
 @dataclass
@@ -124,12 +125,7 @@ def accumulate(
     names = [spec.down_proj.format(l) for l in layers]
     while state.next_chunk < len(mine):
         batch = mine[state.next_chunk : state.next_chunk + batch_size]
-        width = max(len(c) for c in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, c in enumerate(batch):
-            ids[i, : len(c)] = torch.tensor(c)
-            mask[i, : len(c)] = 1
+        ids, mask = pad_right(batch, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         with trace(model, inputs=names, stop_after=names[-1]) as rec:
             run_until_stop(model, input_ids=ids, attention_mask=mask)

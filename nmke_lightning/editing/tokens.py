@@ -25,6 +25,17 @@ class PromptBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a right-padded ``[B, T]`` batch and its attention mask."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 def _token_at_char(offsets: list[tuple[int, int]], char: int) -> int:
     """Index of the last token whose character span contains position `char`."""
     found = -1
@@ -65,12 +76,7 @@ def encode(
         rows.append(ids)
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
+    input_ids, attention_mask = pad_right(rows, pad_id)
     return PromptBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
