@@ -1,0 +1,131 @@
+"""Lifelong benchmark runner: methods x datasets x T x edits-per-step, resumable.
+
+    python benchmarks/lifelong.py --methods nmke alphaedit memit --datasets counterfact \\
+        --T 100 500 1000 --per-step 1 10
+
+Each combination is one `python -m nmke_lightning fit` session built from a config template
+(default `configs/smollm2_{method}_{data}.yaml`) with `data.limit = T` and
+`data.batch_size = edits per step`. A session that was interrupted resumes from its
+`last.ckpt`; a finished one (its result file exists) is skipped. Results: one
+`<out>/<run>.json` per session (its report.json), a markdown table `<out>/results.md` and
+`<out>/score_vs_T.png`. Arguments after `--` are passed to every session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+COLUMNS = ("score", "efficacy", "generalization", "specificity", "reliability", "token_generalization",
+           "locality_unedited", "fluency", "perplexity", "retention")
+
+
+def run_id(method: str, data: str, T: int, per_step: int) -> str:
+    return f"{method}-{data}-T{T}-b{per_step}"
+
+
+def session_command(args, method: str, data: str, T: int, per_step: int) -> list[str]:
+    run_dir = Path(args.runs) / run_id(method, data, T, per_step)
+    config = args.config_template.format(method=method, data=data)
+    cmd = [sys.executable, "-m", "nmke_lightning", "fit", "--config", config,
+           "--model.editor.method", method, "--data.limit", str(T), "--data.batch_size", str(per_step),
+           "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "ckpt"),
+           "--model.evaluation.every_n_steps", str(max(1, T // per_step // args.curve_points))]
+    if (run_dir / "ckpt" / "last.ckpt").exists():
+        cmd += ["--ckpt_path", str(run_dir / "ckpt" / "last.ckpt")]
+    return cmd + list(args.extra)
+
+
+def newest_report(run_dir: Path) -> Path | None:
+    reports = sorted(run_dir.rglob("report.json"), key=lambda p: p.stat().st_mtime)
+    return reports[-1] if reports else None
+
+
+def table(results: dict[str, dict]) -> str:
+    head = "| run | method | T | edits/step | " + " | ".join(COLUMNS) + " | s/edit |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    for name, report in sorted(results.items()):
+        proto, metrics = report["protocol"], report["metrics"]
+        cells = []
+        for column in COLUMNS:
+            value = (metrics.get(column) or {}).get("value")
+            cells.append("-" if value is None else f"{value:.3g}")
+        per_edit = sum(report["timings"]["seconds_per_edit"].values())
+        rows.append(f"| {name} | {report['method']} | {proto['steps'] * proto['edits_per_step']} | "
+                    f"{proto['edits_per_step']} | " + " | ".join(cells) + f" | {per_edit:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for report in results.values():
+        score = (report["metrics"].get("score") or {}).get("value")
+        if score is not None:
+            label = f"{report['method']} ({report['protocol']['edits_per_step']}/step)"
+            series.setdefault(label, []).append((report["protocol"]["edits"], score))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("T (edits)")
+    ax.set_ylabel("harmonic-mean score after all edits")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["nmke", "alphaedit", "memit"],
+                        choices=["nmke", "alphaedit", "memit"])
+    parser.add_argument("--datasets", nargs="+", default=["counterfact"], choices=["counterfact", "zsre"])
+    parser.add_argument("--T", nargs="+", type=int, default=[100, 500, 1000], dest="T")
+    parser.add_argument("--per-step", nargs="+", type=int, default=[1, 10])
+    parser.add_argument("--config-template", default="configs/smollm2_{method}_{data}.yaml")
+    parser.add_argument("--curve-points", type=int, default=5, help="periodic evaluations per session")
+    parser.add_argument("--runs", default="benchmarks/runs", help="session folders (checkpoints, logs)")
+    parser.add_argument("--out", default="benchmarks/results", help="result JSONs, table and plot")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    for t in args.T + args.per_step:
+        if t < 1:
+            raise SystemExit(f"--T and --per-step take positive integers, got {t}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for data in args.datasets:
+        for method in args.methods:
+            for per_step in args.per_step:
+                for T in args.T:
+                    name = run_id(method, data, T, per_step)
+                    result = out / f"{name}.json"
+                    if not result.exists():
+                        cmd = session_command(args, method, data, T, per_step)
+                        print(f"[{name}] {' '.join(cmd)}", flush=True)
+                        subprocess.run(cmd, check=True)
+                        report = newest_report(Path(args.runs) / name)
+                        if report is None:
+                            raise SystemExit(f"[{name}] finished without a report.json")
+                        shutil.copyfile(report, result)
+                    results[name] = json.loads(result.read_text())
+    (out / "results.md").write_text(table(results), encoding="utf-8")
+    plot(results, out / "score_vs_T.png")
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The lifelong benchmark runner on the tiny model: one session per combination, resumable."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("lifelong", ROOT / "benchmarks" / "lifelong.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runner_writes_results_and_skips_finished_sessions(tmp_path, monkeypatch):
+    runner = load_runner()
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--methods", "nmke", "memit", "--T", "4", "--per-step", "2", "--curve-points", "2",
+            "--config-template", "configs/tiny_cpu.yaml",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--", "--model.stats.cache_dir", str(tmp_path / "stats"), "--progress.refresh_rate", "0",
+            "--model.stats.n_tokens", "600"]  # MEMIT needs a full-rank covariance
+    results = runner.main(args)
+    assert sorted(results) == ["memit-counterfact-T4-b2", "nmke-counterfact-T4-b2"]
+    for report in results.values():
+        assert report["protocol"]["edits"] == 4 and report["protocol"]["edits_per_step"] == 2
+        assert [p["edits"] for p in report["curve"]] == [2, 4]  # 2 steps, 2 curve points: every step
+    assert {r["method"] for r in results.values()} == {"nmke", "memit"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "nmke-counterfact-T4-b2" in md and "memit-counterfact-T4-b2" in md
+    assert (tmp_path / "out" / "score_vs_T.png").read_bytes().startswith(b"\x89PNG")
+    # Finished sessions are not run again.
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*.json")}
+    calls = []
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: calls.append(a))
+    runner.main(args)
+    assert not calls and all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+def test_interrupted_session_resumes_from_its_last_checkpoint(tmp_path):
+    runner = load_runner()
+    ckpt = tmp_path / "runs" / "nmke-counterfact-T4-b2" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.ckpt").write_bytes(b"")
+    args = runner.argparse.Namespace(runs=str(tmp_path / "runs"), config_template="configs/tiny_cpu.yaml",
+                                     curve_points=1, extra=[])
+    cmd = runner.session_command(args, "nmke", "counterfact", 4, 2)
+    assert cmd[-2:] == ["--ckpt_path", str(ckpt / "last.ckpt")]
+    assert cmd[cmd.index("--data.limit") + 1] == "4" and cmd[cmd.index("--data.batch_size") + 1] == "2"
