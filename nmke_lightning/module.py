@@ -40,6 +40,7 @@ from .evaluation import (
     update_case_metrics,
 )
 from .editing.values import generate_context_templates
+from .metrics import teacher_forced
 from .models import LoadedModel, default_cache_dir, load_model
 from .strategies import gather_rows, sum_all
 
@@ -294,17 +295,9 @@ class EditModule(LightningModule):
     @torch.no_grad()
     def edit_success(self, cases: list[EditCase]) -> torch.Tensor:
         """1.0 per case whose every target_new token is the top-1 prediction (teacher forced)."""
-        out = torch.zeros(len(cases), device=self.device)
-        tok = self.lm.tokenizer
-        for i, case in enumerate(cases):
-            request = case.request
-            prompt = tok(request.prompt)["input_ids"]
-            target = tok(request.target_text, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + target], device=self.device)
-            logits = self.lm.model(input_ids=ids, use_cache=False).logits[0]
-            predicted = logits[len(prompt) - 1 : len(prompt) + len(target) - 1].argmax(-1)
-            out[i] = float(torch.equal(predicted.cpu(), torch.tensor(target)))
-        return out
+        scores = teacher_forced(self.lm.model, self.lm.tokenizer, [c.prompt for c in cases],
+                                [c.request.target_text for c in cases], self.eval_config.batch_size)
+        return torch.tensor([float(s.token_hits.all()) for s in scores], device=self.device)
 
     def _record(self, batch: StepBatch, result: StepResult, seconds: float) -> StepRecord:
         n_local = len(batch.cases)
