@@ -20,7 +20,8 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed has been recorded."""
 
 
-def _first(x):
+def first_output(x):
+    """The tensor of a module output that may be a tuple (hidden states first)."""
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
@@ -54,11 +55,11 @@ def trace(
     try:
         for name in inputs:
             def pre_hook(module, args, name=name):
-                record.inputs[name] = keep(_first(args))
+                record.inputs[name] = keep(first_output(args))
             handles.append(get_module(model, name).register_forward_pre_hook(pre_hook))
         for name in outputs:
             def post_hook(module, args, output, name=name):
-                record.outputs[name] = keep(_first(output))
+                record.outputs[name] = keep(first_output(output))
             handles.append(get_module(model, name).register_forward_hook(post_hook))
         if stop_after is not None:
             def stop_hook(module, args, output):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, get_module
-from .hooks import StopForward, edit_output
+from .hooks import StopForward, edit_output, first_output
 from .requests import EditRequest
 from .tokens import PromptBatch, encode, target_ids
 
@@ -179,20 +179,17 @@ def compute_values(
 
     d = spec.read_weight(model, layer).shape[0]
     delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
-    h_init = torch.zeros(n, d, device=device, dtype=torch.float32)
-    bare_rows = torch.arange(n, device=device) * n_t  # template 0 is "{}": the bare prompt
-    first = True
-
-    def add_delta(h: torch.Tensor) -> torch.Tensor:
-        if first:
-            h_init.copy_(h[bare_rows, batch.lookup[bare_rows]].detach().float())
-        picked = h[rows, batch.lookup] + delta[row_req].to(h.dtype)
-        return h.index_put((rows, batch.lookup), picked)
-
     layer_name = f"{spec.layers}.{layer}"
     base = model.base_model  # the decoder stack without the LM head
     unembed = get_module(model, spec.unembed)
     prefix = _record_output(model, layer_name, batch.model_inputs())
+    bare_rows = torch.arange(n, device=device) * n_t  # template 0 is "{}": the bare prompt
+    h_init = first_output(prefix)[bare_rows, batch.lookup[bare_rows]].detach().float()  # [n, d]
+
+    def add_delta(h: torch.Tensor) -> torch.Tensor:
+        picked = h[rows, batch.lookup] + delta[row_req].to(h.dtype)
+        return h.index_put((rows, batch.lookup), picked)
+
     kl_rows = n_rw + torch.arange(n, device=device)
     m = torch.zeros_like(delta)
     v = torch.zeros_like(delta)
@@ -206,7 +203,6 @@ def compute_values(
         # the target positions and the KL position (most of the cost otherwise).
         with replay_prefix(model, spec, layer, prefix), edit_output(model, layer_name, add_delta):
             hidden = base(**batch.model_inputs(), use_cache=False).last_hidden_state
-        first = False
         tgt_hidden = hidden[:n_rw].gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         tok_logp = unembed(tgt_hidden).float().log_softmax(-1).gather(2, tgt_ids.unsqueeze(-1)).squeeze(-1)
         nll_rows = -(tok_logp * tgt_mask).sum(1) / tgt_mask.sum(1)
