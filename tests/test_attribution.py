@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from nmke_lightning.editing.attribution import attribution_scores, auto_neuron_chunk
+from nmke_lightning.editing.attribution import (
+    LensProductCache,
+    attribution_scores,
+    auto_neuron_chunk,
+    series_radius,
+)
 
 P, D, D_FF, V = 5, 8, 20, 50
 
@@ -153,3 +158,97 @@ def test_shape_and_option_errors() -> None:
         attribution_scores(**inputs, neuron_chunk=0)
     with pytest.raises(ValueError, match="prob_floor"):
         attribution_scores(**inputs, prob_floor=0.0)
+
+
+def lens_radius(inputs: dict, amplify: float = 30.0) -> torch.Tensor:
+    """rho[p, j] = |s a_pj / sigma_p| * half-range of column j of W_U diag(g) W_l, in float64."""
+    f64 = {k: v.double() for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    product = (f64["unembed"] * f64["norm_weight"]) @ f64["weight"]  # [V, d_ff]
+    half = (product.max(0).values - product.min(0).values) / 2
+    return (amplify * f64["keys"] / f64["final_scale"][:, None]).abs() * half
+
+
+@pytest.mark.parametrize("terms", [4, 10])
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_series_matches_plain_loop_in_both_regimes(terms: int, chunk: int | None) -> None:
+    # Small neuron values put most (prompt, neuron) pairs inside the series radius; the rest
+    # take the exact path, so both run in one call.
+    inputs = random_inputs(seed=7, bias=True, weight_scale=0.003)
+    rho = lens_radius(inputs)
+    inside = (rho <= series_radius(terms, 1e-6)).double().mean()
+    assert 0.2 < inside < 1.0, inside
+    got = attribution_scores(**inputs, neuron_chunk=chunk, series_terms=terms)
+    want = reference_scores(**inputs)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_series_off_and_on_agree_on_saturation_and_non_finite_inputs() -> None:
+    inputs = random_inputs(seed=8, bias=False, weight_scale=0.01)
+    inputs["final_scale"][1] = 0.0
+    inputs["keys"][2, 4] = float("nan")
+    inputs["keys"][3, 7] = 1e6  # far outside the radius: exact path, probability saturates
+    want = reference_scores(**inputs)
+    for terms in (0, 6, 12):
+        got = attribution_scores(**inputs, series_terms=terms, neuron_chunk=5)
+        assert got[1].eq(0).all() and got[2, 4] == 0
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_series_radius_meets_its_bound() -> None:
+    assert series_radius(0, 1e-6) == -1.0
+    for terms, tol in [(4, 1e-6), (10, 1e-6), (10, 1e-9), (16, 1e-3)]:
+        rho = series_radius(terms, tol)
+        bound = rho ** (terms + 1) / math.factorial(terms + 1) * math.exp(2 * rho)
+        assert bound <= tol and bound > 0.99 * tol
+    assert series_radius(12, 1e-6) > series_radius(10, 1e-6) > series_radius(8, 1e-6)
+
+
+def test_precomputed_lens_product_gives_the_same_scores() -> None:
+    inputs = random_inputs(seed=9, bias=True, weight_scale=0.01)
+    product = (inputs["weight"].t() @ (inputs["unembed"] * inputs["norm_weight"]).t()).contiguous()
+    got = attribution_scores(**inputs, lens_product=product, neuron_chunk=6)
+    torch.testing.assert_close(got, attribution_scores(**inputs, neuron_chunk=6), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="lens_product"):
+        attribution_scores(**inputs, lens_product=product.t())
+
+
+def fresh_product(weight, norm_weight, unembed) -> torch.Tensor:
+    return (weight.double().t() @ (unembed.double() * norm_weight.double()).t())
+
+
+def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise() -> None:
+    g = torch.Generator().manual_seed(10)
+    weight = torch.randn(D, D_FF, generator=g)
+    norm_weight = torch.rand(D, generator=g) + 0.5
+    unembed = torch.randn(V, D, generator=g)
+    cache = LensProductCache(refresh_every=3)
+    first = cache.get("l", weight, norm_weight, unembed)
+    assert cache.builds == 1 and first.shape == (D_FF, V)
+    assert cache.get("l", weight, norm_weight, unembed) is first and cache.builds == 1  # unchanged
+    for step in range(3):  # rank-1 edits: updated in place, no rebuild
+        weight += torch.randn(D, 1, generator=g) @ torch.randn(1, D_FF, generator=g)
+        got = cache.get("l", weight, norm_weight, unembed)
+        torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
+    assert cache.builds == 1 and cache.low_rank_updates == 3
+    weight += torch.randn(D, 1, generator=g) @ torch.randn(1, D_FF, generator=g)
+    cache.get("l", weight, norm_weight, unembed)  # a fourth in a row: refresh
+    assert cache.builds == 2
+    weight += torch.randn(D, D_FF, generator=g)  # full rank: rebuild
+    got = cache.get("l", weight, norm_weight, unembed)
+    assert cache.builds == 3
+    torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
+    unembed.mul_(2.0)  # an in-place change of the unembedding is noticed
+    got = cache.get("l", weight, norm_weight, unembed)
+    assert cache.builds == 4
+    torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
+
+
+def test_lens_cache_respects_its_budget() -> None:
+    weight, norm_weight, unembed = torch.randn(D, D_FF), torch.ones(D), torch.randn(V, D)
+    one_layer = D_FF * V * 4
+    cache = LensProductCache(max_bytes=one_layer)
+    assert cache.get(1, weight, norm_weight, unembed) is not None
+    assert cache.get(2, weight, norm_weight, unembed) is None  # would exceed the budget
+    assert cache.get(1, weight, norm_weight, unembed) is not None
+    assert LensProductCache(max_bytes=0).get(1, weight, norm_weight, unembed) is None

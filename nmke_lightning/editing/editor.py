@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for, get_module
-from .attribution import attribution_scores
+from .attribution import LensProductCache, attribution_scores
 from .keys import read_attribution_inputs, read_keys
 from .masks import MaskConfig, NeuronMask, neuron_mask
 from .requests import EditRequest
@@ -75,6 +75,12 @@ class EditorConfig:
     """Probabilities are clamped to [prob_floor, 1 - prob_floor] before the log in the attribution score."""
     neuron_chunk: int | None = None
     """Neurons scored at once in the attribution (memory: prompts x chunk x vocabulary floats); None picks the largest chunk within 128 MiB."""
+    attribution_series_terms: int = 10
+    """Moments of the series that replaces most attribution log-sum-exps (attribution.py); 0 computes every score exactly."""
+    attribution_series_tol: float = 1e-6
+    """Largest change of an attribution score the truncated series may cause; other scores are computed exactly."""
+    lens_cache_bytes: int = 2 * 2**30
+    """Memory for keeping W_U diag(g) W_l of edited layers between steps (V x d_ff floats per layer; layers that do not fit are recomputed every step; 0 disables)."""
     mask: MaskConfig = field(default_factory=MaskConfig)
     """Entropy-guided ratios and mask selection."""
     context_starts: tuple[str, ...] = DEFAULT_STARTS
@@ -112,6 +118,11 @@ class EditorConfig:
         for name in ("v_num_grad_steps", "context_length", "context_per_start"):
             if getattr(self, name) < 1:
                 raise ValueError(f"editor.{name} must be >= 1, got {getattr(self, name)}")
+        if self.attribution_series_terms < 0 or self.lens_cache_bytes < 0:
+            raise ValueError("editor.attribution_series_terms and editor.lens_cache_bytes must be >= 0, got "
+                             f"{self.attribution_series_terms} and {self.lens_cache_bytes}")
+        if not self.attribution_series_tol > 0:
+            raise ValueError(f"editor.attribution_series_tol must be > 0, got {self.attribution_series_tol}")
         if not 0 < self.prob_floor < 0.5:
             raise ValueError(f"editor.prob_floor must be in (0, 0.5), got {self.prob_floor}")
         if isinstance(self.mask, dict):
@@ -150,6 +161,8 @@ class EditState:
     templates: list[str] | None = None
     steps: int = 0
     edits: int = 0
+    lens_cache: LensProductCache | None = field(default=None, repr=False, compare=False)
+    """Derived from the weights, so never saved: rebuilt on the first step after a resume."""
 
     @classmethod
     def create(
@@ -240,8 +253,12 @@ def compute_masks(
     templates: list[str],
     spec: ArchSpec | None = None,
     gather: Gather | None = None,
+    lens_cache: LensProductCache | None = None,
 ) -> dict[int, NeuronMask]:
-    """NMKE neuron masks of every edited layer on the model as it is now."""
+    """NMKE neuron masks of every edited layer on the model as it is now.
+
+    `lens_cache` keeps each layer's ``W_U diag(g) W_l`` between calls (see `LensProductCache`).
+    """
     spec = spec or arch_for(model)
     gather = gather or _no_gather
     device = next(model.parameters()).device
@@ -256,10 +273,14 @@ def compute_masks(
         if inputs is None:
             scores = torch.zeros(0, spec.d_ff(model, l), device=device)
         else:
+            weight = spec.read_weight(model, l)
+            product = None if lens_cache is None else lens_cache.get(l, weight, final_norm.weight, unembed.weight)
             scores = attribution_scores(
-                inputs.resid[l], inputs.keys[l], inputs.final_scale, spec.read_weight(model, l),
+                inputs.resid[l], inputs.keys[l], inputs.final_scale, weight,
                 final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
                 amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
+                series_terms=config.attribution_series_terms, series_tol=config.attribution_series_tol,
+                lens_product=product,
             )
         masks[l] = neuron_mask(gather(scores), config.mask)
     return masks
@@ -297,7 +318,9 @@ def edit_step(
     t = clock.add("templates", t)
 
     if config.method == "nmke" and masks is None:
-        masks = compute_masks(model, tokenizer, requests, config, templates, spec, gather)
+        if state.lens_cache is None and config.lens_cache_bytes > 0:
+            state.lens_cache = LensProductCache(config.lens_cache_bytes)
+        masks = compute_masks(model, tokenizer, requests, config, templates, spec, gather, state.lens_cache)
     t = clock.add("attribution", t)
 
     values = compute_values(
