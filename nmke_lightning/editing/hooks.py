@@ -1,4 +1,4 @@
-"""Scoped forward hooks: record module inputs/outputs, add to outputs, stop a forward early.
+"""Scoped forward hooks: record module inputs/outputs, stop a forward early.
 
 Every hook is registered inside a ``with`` block and removed in ``finally``, so no hook
 survives an exception (tests check ``_forward_hooks`` is empty afterwards).
@@ -7,7 +7,7 @@ survives an exception (tests check ``_forward_hooks`` is empty afterwards).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,24 +69,6 @@ def trace(
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def edit_output(
-    model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[None]:
-    """Replace the (first) output ``h`` of module `name` by ``fn(h)`` during the block."""
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (fn(output[0]),) + tuple(output[1:])
-        return fn(output)
-
-    handle = get_module(model, name).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def run_until_stop(model: nn.Module, **batch) -> None:

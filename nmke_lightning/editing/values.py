@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from .arch import ArchSpec, get_module
-from .hooks import StopForward, edit_output, first_output
+from .hooks import StopForward, first_output
 from .requests import EditRequest
 from .tokens import PromptBatch, encode, target_ids
 
@@ -94,22 +95,79 @@ def replay_prefix(model: nn.Module, spec: ArchSpec, layer: int, output) -> Itera
 
 
 @torch.no_grad()
-def _record_output(model: nn.Module, name: str, inputs: dict):
-    """The raw output (tensor or tuple) of module `name`, stopping the forward right after it."""
+def _record_output(model: nn.Module, name: str, inputs: dict, cache: bool = False):
+    """The raw output (tensor or tuple) of module `name`, and the decoder stack's cache.
+
+    Without `cache` the forward stops right after the module and the cache is ``None``; with it,
+    the decoder stack (no LM head) runs to the end with ``use_cache=True`` and the cache holds
+    every layer's keys and values.
+    """
     seen = {}
 
     def hook(module, args, output):
         seen["output"] = output
-        raise StopForward
+        if not cache:
+            raise StopForward
 
     handle = get_module(model, name).register_forward_hook(hook)
     try:
-        model(**inputs, use_cache=False)
-    except StopForward:
-        pass
+        if cache:
+            past = model.base_model(**inputs, use_cache=True).past_key_values
+        else:
+            past = None
+            with contextlib.suppress(StopForward):
+                model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    return seen["output"]
+    return seen["output"], past
+
+
+def _run_windows(
+    model: nn.Module,
+    spec: ArchSpec,
+    layer: int,
+    batch: PromptBatch,
+    prefix,
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    rows: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """Last hidden states ``[len(rows), S, d]`` of batch `rows` over the position windows
+    ``[start, end)``, with `shift` added to `layer`'s output at each row's subject token.
+
+    Window index i of row r is position ``start[r] + i`` (its position id too); windows are
+    right-padded to the longest, S, and must hold the subject token. Layers ``0..layer`` are
+    replayed from `prefix` (their recorded output for the whole batch). The later layers see
+    the positions before a window through a cache made from `prefix_kv` (every layer's keys and
+    values from a no-grad forward of the batch; the replayed layers' entries only give the cache
+    its length): its slots ``[0, max(start))`` hold positions 0.., and slot j of row r is masked
+    unless ``j < start[r]`` (the others are the row's own window positions, stale). Causal
+    attention makes the result equal to a full forward at every window position. With all
+    ``start == 0`` no cache is used and this is a plain forward of the rows.
+    """
+    width = int((end - start).max())
+    n_past = int(start.max())
+    index = torch.arange(width, device=start.device)
+    pos = (start[:, None] + index).clamp(max=batch.input_ids.shape[1] - 1)  # [B, S]
+    take = (rows[:, None], pos)
+    valid = (index < (end - start)[:, None]) & batch.attention_mask[take].bool()
+    past_valid = torch.arange(n_past, device=start.device) < start[:, None]
+    hidden = first_output(prefix)[take]
+    at = (torch.arange(len(rows), device=start.device), batch.lookup[rows] - start)
+    hidden = hidden.index_put(at, hidden[at] + shift.to(hidden.dtype))
+    output = (hidden, *prefix[1:]) if isinstance(prefix, (tuple, list)) else hidden
+    # A fresh cache per call: the layers concatenate the window's (grad-carrying) keys onto it.
+    past = DynamicCache([(k[rows, :, :n_past], v[rows, :, :n_past]) for k, v in prefix_kv]) if n_past else None
+    with replay_prefix(model, spec, layer, output):
+        return model.base_model(
+            input_ids=batch.input_ids[take],
+            attention_mask=torch.cat([past_valid, valid], dim=1),
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=past is not None,
+        ).last_hidden_state
 
 
 @dataclass
@@ -135,6 +193,7 @@ def compute_values(
     kl_factor: float = 0.0625,
     weight_decay: float = 0.5,
     stop_loss: float = 5e-2,
+    prefix_cache: bool = True,
 ) -> ValueResult:
     """Optimise one additive vector per request at `layer`'s output, all requests in one batch.
 
@@ -144,6 +203,15 @@ def compute_values(
     optimiser state for all); a request stops as soon as its loss < `stop_loss`, and its delta
     is frozen from then on. After each step ``||delta|| <= clamp_norm_factor * ||h_init||``.
     `num_steps` counts loss evaluations; the last one takes no step (as in ROME/MEMIT).
+
+    Each evaluation runs only the rows of still-active requests, and only the layers after
+    `layer` (the earlier ones are replayed from one recorded forward). With `prefix_cache` it
+    also runs them only over the positions the delta reaches and a loss reads: from the subject
+    token to the last target position (a KL row: the subject token alone), the positions before
+    it attending from a key/value cache recorded once (`_run_windows`). ``prefix_cache=False``
+    runs the full padded prompts instead; so does a model whose sliding attention window could
+    cut into the prompts (the cache's slots are not at their positions' distances). Both give
+    the same result up to float rounding.
     """
     device = next(model.parameters()).device
     n, n_t = len(requests), len(templates)
@@ -164,7 +232,7 @@ def compute_values(
     batch = encode(tokenizer, texts, ends, suffixes).to(device)
     n_rw = n * n_t
     row_req = torch.cat([torch.arange(n).repeat_interleave(n_t), torch.arange(n)]).to(device)
-    rows = torch.arange(len(texts), device=device)
+    seq_len = batch.input_ids.shape[1]
 
     # Teacher-forced target positions: the prompt's last real token predicts the first target token.
     prompt_lens = batch.last[:n_rw] + 1 - torch.tensor([len(s) for s in suffixes[:n_rw]], device=device)
@@ -175,51 +243,67 @@ def compute_values(
         tgt_ids[i * n_t : (i + 1) * n_t, : len(tgt)] = torch.tensor(tgt, device=device)
         tgt_mask[i * n_t : (i + 1) * n_t, : len(tgt)] = True
     pred_pos = (prompt_lens - 1).unsqueeze(1) + torch.arange(max_t, device=device)  # [n_rw, max_t]
-    pred_pos = pred_pos.clamp(max=batch.input_ids.shape[1] - 1)
+    pred_pos = pred_pos.clamp(max=seq_len - 1)
+
+    # Windows of positions each row runs through the layers after `layer`: from the subject token
+    # (the delta changes nothing before it) to the last position a loss reads (the last target
+    # position of a rewriting row, which is its last real token; the subject token of a KL row).
+    start = batch.lookup
+    end = torch.cat([batch.last[:n_rw], batch.lookup[n_rw:]]) + 1
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window is not None and window < max(seq_len, int(start.max() + (end - start).max())):
+        prefix_cache = False
+    if not prefix_cache:
+        start, end = torch.zeros_like(start), torch.full_like(end, seq_len)
 
     d = spec.read_weight(model, layer).shape[0]
     delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
-    layer_name = f"{spec.layers}.{layer}"
-    base = model.base_model  # the decoder stack without the LM head
     unembed = get_module(model, spec.unembed)
-    prefix = _record_output(model, layer_name, batch.model_inputs())
+    prefix, cache = _record_output(model, f"{spec.layers}.{layer}", batch.model_inputs(), cache=prefix_cache)
+    prefix_kv = [(keys, values) for keys, values, *_ in cache] if prefix_cache else None
     bare_rows = torch.arange(n, device=device) * n_t  # template 0 is "{}": the bare prompt
     h_init = first_output(prefix)[bare_rows, batch.lookup[bare_rows]].detach().float()  # [n, d]
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:
-        picked = h[rows, batch.lookup] + delta[row_req].to(h.dtype)
-        return h.index_put((rows, batch.lookup), picked)
-
-    kl_rows = n_rw + torch.arange(n, device=device)
     m = torch.zeros_like(delta)
     v = torch.zeros_like(delta)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = torch.zeros(n, dtype=torch.long, device=device)
+    final_loss = torch.zeros(n, device=device, dtype=torch.float32)
+    final_nll = torch.zeros(n, device=device, dtype=torch.float32)
     kl_init = None
     history = []
     for it in range(num_steps):
-        # Layers up to `layer` are replayed, and the LM head runs only where a loss reads it:
-        # the target positions and the KL position (most of the cost otherwise).
-        with replay_prefix(model, spec, layer, prefix), edit_output(model, layer_name, add_delta):
-            hidden = base(**batch.model_inputs(), use_cache=False).last_hidden_state
-        tgt_hidden = hidden[:n_rw].gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        tok_logp = unembed(tgt_hidden).float().log_softmax(-1).gather(2, tgt_ids.unsqueeze(-1)).squeeze(-1)
-        nll_rows = -(tok_logp * tgt_mask).sum(1) / tgt_mask.sum(1)
-        nll = nll_rows.view(n, n_t).mean(1)
-        kl_logp = unembed(hidden[kl_rows, batch.lookup[n_rw:]]).float().log_softmax(-1)
+        # Only the requests still optimised (a stopped one's delta and results are frozen); the
+        # LM head runs only where a loss reads it: the target positions and the KL position.
+        live = active.nonzero().squeeze(1)
+        rw_rows = (live[:, None] * n_t + torch.arange(n_t, device=device)).flatten()
+        rows = torch.cat([rw_rows, n_rw + live])
+        hidden = _run_windows(model, spec, layer, batch, prefix, prefix_kv, rows, start[rows], end[rows],
+                              delta[row_req[rows]])
+        n_live_rw = len(rw_rows)
+        read = (pred_pos[rw_rows] - start[rw_rows, None]).clamp(max=hidden.shape[1] - 1)
+        tgt_hidden = hidden[:n_live_rw].gather(1, read.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        live_ids, live_mask = tgt_ids[rw_rows], tgt_mask[rw_rows]
+        tok_logp = unembed(tgt_hidden).float().log_softmax(-1).gather(2, live_ids.unsqueeze(-1)).squeeze(-1)
+        nll_rows = -(tok_logp * live_mask).sum(1) / live_mask.sum(1)
+        nll = nll_rows.view(len(live), n_t).mean(1)
+        kl_rows = rows[n_live_rw:]
+        kl_at = torch.arange(n_live_rw, len(rows), device=device), batch.lookup[kl_rows] - start[kl_rows]
+        kl_logp = unembed(hidden[kl_at]).float().log_softmax(-1)
         if kl_init is None:
-            kl_init = kl_logp.detach()
-        kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
-        decay = weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).square()
-        loss = nll + kl_factor * kl + decay
-        history.append(torch.where(active, loss.detach(), torch.full_like(loss, float("nan"))))
-        final_loss = torch.where(active, loss.detach(), final_loss) if it else loss.detach()
-        final_nll = torch.where(active, nll.detach(), final_nll) if it else nll.detach()
-        active = active & (loss.detach() >= stop_loss)
-        if it == num_steps - 1 or not bool(active.any()):
+            kl_init = kl_logp.detach()  # the first evaluation has every request, delta = 0
+        kl = (kl_logp.exp() * (kl_logp - kl_init[live])).sum(-1)
+        decay = weight_decay * delta[live].norm(dim=1) / h_init[live].norm(dim=1).square()
+        loss = nll + kl_factor * kl + decay  # [len(live)]
+        history.append(final_loss.new_full((n,), float("nan")).index_copy(0, live, loss.detach()))
+        final_loss[live] = loss.detach()
+        final_nll[live] = nll.detach()
+        going = loss.detach() >= stop_loss
+        active[live] = going
+        if it == num_steps - 1 or not bool(going.any()):
             break
-        (grad,) = torch.autograd.grad(loss[active].sum(), delta)
+        (grad,) = torch.autograd.grad(loss[going].sum(), delta)
         with torch.no_grad():
             t = it + 1  # every still-active request has taken exactly `it` steps
             a = active.unsqueeze(1)

@@ -1,0 +1,108 @@
+"""The z optimisation's windowed forward (prefix key/value cache, stopped requests dropped) gives
+the same values as the full-sequence forward, on every tiny architecture."""
+
+import pytest
+import torch
+
+from nmke_lightning.editing.tokens import encode
+from nmke_lightning.editing.values import _record_output, _run_windows, compute_values, generate_context_templates
+from nmke_lightning.editing.requests import EditRequest
+from nmke_lightning.models import BUILTIN_MODELS, load_model
+
+TINY = sorted(name for name in BUILTIN_MODELS if name.startswith("tiny-"))
+# Subjects at the end, the start and the middle of the prompt; targets of 1, 1, 11 and 6 tokens
+# (tiny tokenizer).
+REQUESTS = [
+    EditRequest("We walked towards the Eiffel Tower", "the Eiffel Tower", "city"),
+    EditRequest("Tomorrow we fly to Japan", "Japan", "the"),
+    EditRequest("Danielle Darrieux was born in the town of", "Danielle Darrieux", "Paris and Rome, of course"),
+    EditRequest("In the river near the old school, the council met", "the council", "about the bridge"),
+]
+# A smooth descent (no weight decay, a small lr) so that float rounding is not amplified by Adam.
+KWARGS = dict(layer=2, lr=0.1, num_steps=12, clamp_norm_factor=2.0, weight_decay=0.0, kl_factor=0.5)
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request):
+    return load_model(request.param, seed=0)
+
+
+def forward_shapes(lm):
+    """A list that receives (rows, length) of every forward of the decoder stack, and its hook."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        shapes.append(tuple((args[0] if args else kwargs["input_ids"]).shape))
+
+    return shapes, lm.model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_windows_equal_the_full_forward(tiny):
+    """Every window position, including the subject token that carries the shift."""
+    texts = ["We walked towards the Eiffel Tower and the city", "Japan is a",
+             "Danielle Darrieux was born in the town of Paris", "In the river near the old school"]
+    subjects = ["We walked towards the Eiffel Tower", "Japan", "Danielle Darrieux", "In the river"]
+    batch = encode(tiny.tokenizer, texts, [len(s) for s in subjects])
+    layer, rows = 1, torch.tensor([3, 0, 2, 1])  # a permutation: rows are picked, not assumed in order
+    prefix, cache = _record_output(tiny.model, f"{tiny.spec.layers}.{layer}", batch.model_inputs(), cache=True)
+    prefix_kv = [(keys, values) for keys, values, *_ in cache]
+    shift = torch.randn(len(rows), tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    seq_len = batch.input_ids.shape[1]
+    zeros = torch.zeros(len(rows), dtype=torch.long)
+    full = _run_windows(tiny.model, tiny.spec, layer, batch, prefix, None, rows, zeros, zeros + seq_len, shift)
+    start, end = batch.lookup[rows], batch.last[rows] + 1
+    assert len(set(start.tolist())) == len(rows) and int((end - start).max()) < seq_len
+    window = _run_windows(tiny.model, tiny.spec, layer, batch, prefix, prefix_kv, rows, start, end, shift)
+    for i in range(len(rows)):
+        expected = full[i, start[i] : end[i]]
+        assert torch.allclose(window[i, : end[i] - start[i]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_gives_the_full_sequence_values(tiny):
+    templates = generate_context_templates(tiny.model, tiny.tokenizer, per_start=1, length=5, seed=3)
+    reference = compute_values(tiny.model, tiny.spec, tiny.tokenizer, REQUESTS, templates, stop_loss=0.0, **KWARGS)
+    # Halfway between the two lowest final losses: one request stops part-way, the others go on.
+    stop = float(reference.loss.sort().values[:2].mean())
+    results, shapes = {}, {}
+    for prefix_cache in (False, True):
+        shapes[prefix_cache], handle = forward_shapes(tiny)
+        try:
+            results[prefix_cache] = compute_values(tiny.model, tiny.spec, tiny.tokenizer, REQUESTS, templates,
+                                                   stop_loss=stop, prefix_cache=prefix_cache, **KWARGS)
+        finally:
+            handle.remove()
+    full, fast = results[False], results[True]
+    last = KWARGS["num_steps"] - 1
+    assert torch.equal(full.steps, fast.steps)
+    assert ((fast.steps > 0) & (fast.steps < last)).any() and (fast.steps == last).any()
+    assert torch.allclose(fast.h_init, full.h_init, atol=1e-6)
+    assert torch.allclose(fast.z, full.z, atol=1e-5, rtol=1e-5)
+    for name in ("loss", "nll", "history"):
+        assert torch.allclose(getattr(fast, name), getattr(full, name), atol=1e-5, rtol=1e-5, equal_nan=True), name
+    assert torch.equal(fast.history.isnan(), full.history.isnan())
+
+    # One forward per loss evaluation (after the set-up forward), over the rows of the requests
+    # still active: their templates and their KL prompt.
+    n_t = len(templates)
+    live = (~fast.history.isnan()).sum(1)
+    for prefix_cache in (False, True):
+        rows = [b for b, _ in shapes[prefix_cache][1:]]
+        assert rows == (live * (n_t + 1)).tolist()
+    full_len = shapes[False][0][1]
+    assert all(t == full_len for _, t in shapes[False])
+    assert all(t < full_len for _, t in shapes[True][1:])
+
+
+def test_a_binding_sliding_window_takes_the_full_sequence_path():
+    lm = load_model("tiny-mistral", seed=0)
+    lm.model.config.sliding_window = 4
+    templates = ["{}", "The river. {}"]
+    kwargs = dict(KWARGS, num_steps=3, stop_loss=0.0)
+    shapes, handle = forward_shapes(lm)
+    try:
+        default = compute_values(lm.model, lm.spec, lm.tokenizer, REQUESTS, templates, **kwargs)
+    finally:
+        handle.remove()
+    full = compute_values(lm.model, lm.spec, lm.tokenizer, REQUESTS, templates, prefix_cache=False, **kwargs)
+    assert torch.equal(default.z, full.z) and torch.equal(default.history, full.history)
+    assert len({t for _, t in shapes}) == 1  # every forward over the full padded prompts
