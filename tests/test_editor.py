@@ -8,7 +8,7 @@ from nmke_lightning.editing.editor import EditorConfig, EditState, compute_masks
 from nmke_lightning.editing.keys import read_attribution_inputs, read_keys
 from nmke_lightning.editing.requests import EditRequest
 from nmke_lightning.editing.stats import accumulate, corpus_chunks
-from nmke_lightning.editing.values import compute_values, generate_context_templates, prompt_batch
+from nmke_lightning.editing.values import compute_values, generate_context_templates, prompt_batch, replay_below
 from nmke_lightning.models import load_model
 
 CORPUS = "\n".join(
@@ -100,6 +100,29 @@ def test_keys_are_template_means_at_the_subject(tiny, templates):
                 bare_out = rec.outputs[f"{tiny.spec.layers}.3"][0, n_subject - 1]
         assert torch.allclose(keys[1][i], torch.stack(per_template).mean(0), atol=1e-5)
         assert torch.allclose(out[i], bare_out, atol=1e-5)
+
+
+def test_keys_with_the_lower_layers_replayed_equal_a_full_forward(tiny, templates):
+    # edit_step records the layers below its first edited layer once and replays them for every
+    # keys forward; the keys and layer outputs must not change, on a model whose upper layers
+    # are then edited in between (the replayed part stays valid).
+    lm = fresh(tiny)
+    batch = prompt_batch(lm.tokenizer, REQUESTS, templates)
+    full_keys, full_out = read_keys(lm.model, lm.spec, batch, [2, 3], len(templates), out_layer=3)
+    with replay_below(lm.model, lm.spec, batch, 2):
+        keys, out = read_keys(lm.model, lm.spec, batch, [2, 3], len(templates), out_layer=3)
+        torch.manual_seed(1)
+        change = torch.randn_like(lm.spec.read_weight(lm.model, 3)) * 0.1
+        lm.spec.add_to_weight(lm.model, 3, change)
+        keys_after, out_after = read_keys(lm.model, lm.spec, batch, [3], len(templates), out_layer=3)
+    assert no_hooks_left(lm.model)
+    for l in (2, 3):
+        torch.testing.assert_close(keys[l], full_keys[l], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, full_out, atol=1e-6, rtol=1e-5)
+    want_keys, want_out = read_keys(lm.model, lm.spec, batch, [3], len(templates), out_layer=3)
+    torch.testing.assert_close(keys_after[3], want_keys[3], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_after, want_out, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out_after, full_out, atol=1e-4)  # the edit did change the output
 
 
 def test_attribution_inputs_reproduce_the_logits(tiny, templates):

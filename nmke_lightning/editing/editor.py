@@ -7,6 +7,7 @@ object with ``state_dict``/``load_state_dict``; there is no global state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +28,14 @@ from .solve import (
     solve_masked_restricted,
     solve_memit,
 )
-from .values import DEFAULT_STARTS, ValueResult, compute_values, generate_context_templates, prompt_batch
+from .values import (
+    DEFAULT_STARTS,
+    ValueResult,
+    compute_values,
+    generate_context_templates,
+    prompt_batch,
+    replay_below,
+)
 
 METHODS = ("nmke", "alphaedit", "memit")
 
@@ -335,45 +343,49 @@ def edit_step(
     batch = prompt_batch(tokenizer, requests, templates) if requests else None
     n_t = len(templates)
     deltas: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(config.layers):
-        if requests:
-            keys, cur = read_keys(model, spec, batch, [layer], n_t, out_layer=config.layers[-1])
-            keys, cur = keys[layer], cur
-        else:
-            keys = torch.zeros(0, spec.d_ff(model, layer), device=device)
-            cur = torch.zeros(0, d, device=device)
-        keys = gather(keys).T.to(torch.float64)  # [d_ff, n]
-        resid = (z - gather(cur)).T.to(torch.float64) / (len(config.layers) - i)  # [d, n]
-        t = clock.add("keys", t)
-        on = state.cov[layer].device
-        keys, resid = keys.to(on), resid.to(on)
-        if config.method == "memit":
-            update = solve_memit(keys, resid, state.cov[layer], config.mom2_update_weight)
-        elif config.method == "alphaedit" or config.mask_mode == "post":
-            update = solve_alphaedit(keys, resid, state.basis[layer], state.past_cov[layer], config.l2)
-            if config.method == "nmke":
-                update = solve_masked_post(update, masks[layer].mask.to(on))
-        else:
-            update = solve_masked_restricted(
-                keys, resid, state.cov[layer], state.past_cov[layer], masks[layer].mask.to(on),
-                config.nullspace_threshold, config.l2,
-            )
-        delta_w = update.T.to(torch.float32)  # [d, d_ff]
-        spec.add_to_weight(model, layer, delta_w)
-        state.deltas[layer] += delta_w.to(state.deltas[layer].device)
-        deltas[layer] = delta_w
-        t = clock.add("solve", t)
+    # Edits go to layers >= the first edited one, so everything below it is recorded once and
+    # replayed by every keys forward of this step.
+    replay = replay_below(model, spec, batch, config.layers[0]) if requests else contextlib.nullcontext()
+    with replay:
+        for i, layer in enumerate(config.layers):
+            if requests:
+                keys, cur = read_keys(model, spec, batch, [layer], n_t, out_layer=config.layers[-1])
+                keys, cur = keys[layer], cur
+            else:
+                keys = torch.zeros(0, spec.d_ff(model, layer), device=device)
+                cur = torch.zeros(0, d, device=device)
+            keys = gather(keys).T.to(torch.float64)  # [d_ff, n]
+            resid = (z - gather(cur)).T.to(torch.float64) / (len(config.layers) - i)  # [d, n]
+            t = clock.add("keys", t)
+            on = state.cov[layer].device
+            keys, resid = keys.to(on), resid.to(on)
+            if config.method == "memit":
+                update = solve_memit(keys, resid, state.cov[layer], config.mom2_update_weight)
+            elif config.method == "alphaedit" or config.mask_mode == "post":
+                update = solve_alphaedit(keys, resid, state.basis[layer], state.past_cov[layer], config.l2)
+                if config.method == "nmke":
+                    update = solve_masked_post(update, masks[layer].mask.to(on))
+            else:
+                update = solve_masked_restricted(
+                    keys, resid, state.cov[layer], state.past_cov[layer], masks[layer].mask.to(on),
+                    config.nullspace_threshold, config.l2,
+                )
+            delta_w = update.T.to(torch.float32)  # [d, d_ff]
+            spec.add_to_weight(model, layer, delta_w)
+            state.deltas[layer] += delta_w.to(state.deltas[layer].device)
+            deltas[layer] = delta_w
+            t = clock.add("solve", t)
 
-    if config.uses_projection:
-        if requests:
-            new_keys, _ = read_keys(model, spec, batch, config.layers, n_t)
-        for layer in config.layers:
-            k = new_keys[layer] if requests else torch.zeros(0, spec.d_ff(model, layer), device=device)
-            k = gather(k).to(torch.float64).to(state.past_cov[layer].device)  # [n, d_ff]
-            outer = k.T @ k
-            # Exactly symmetric, so checkpoints can store one triangle and restore it bitwise.
-            state.past_cov[layer] += (outer + outer.T) / 2
-        t = clock.add("memory", t)
+        if config.uses_projection:
+            if requests:
+                new_keys, _ = read_keys(model, spec, batch, config.layers, n_t)
+            for layer in config.layers:
+                k = new_keys[layer] if requests else torch.zeros(0, spec.d_ff(model, layer), device=device)
+                k = gather(k).to(torch.float64).to(state.past_cov[layer].device)  # [n, d_ff]
+                outer = k.T @ k
+                # Exactly symmetric, so checkpoints can store one triangle and restore it bitwise.
+                state.past_cov[layer] += (outer + outer.T) / 2
+            t = clock.add("memory", t)
 
     state.steps += 1
     state.edits += int(z.shape[0])
