@@ -20,6 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+VARIANTS = {
+    "nmke": ("nmke", []),
+    "nmke-post": ("nmke", ["--model.editor.mask_mode", "post"]),  # the authors' masking, side by side
+    "alphaedit": ("alphaedit", []),
+    "memit": ("memit", []),
+}
+"""Benchmark method -> (editor.method, extra options); configs are looked up by editor.method."""
+
 COLUMNS = ("score", "efficacy", "generalization", "specificity", "reliability", "token_generalization",
            "locality_unedited", "fluency", "perplexity", "retention")
 
@@ -30,14 +38,20 @@ def run_id(method: str, data: str, T: int, per_step: int) -> str:
 
 def session_command(args, method: str, data: str, T: int, per_step: int) -> list[str]:
     run_dir = Path(args.runs) / run_id(method, data, T, per_step)
-    config = args.config_template.format(method=method, data=data)
+    editor_method, options = VARIANTS[method]
+    config = args.config_template.format(method=editor_method, data=data)
     cmd = [sys.executable, "-m", "nmke_lightning", "fit", "--config", config,
-           "--model.editor.method", method, "--data.limit", str(T), "--data.batch_size", str(per_step),
+           "--model.editor.method", editor_method, *options, "--data.limit", str(T), "--data.batch_size", str(per_step),
            "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "ckpt"),
            "--model.evaluation.every_n_steps", str(max(1, T // per_step // args.curve_points))]
     if (run_dir / "ckpt" / "last.ckpt").exists():
         cmd += ["--ckpt_path", str(run_dir / "ckpt" / "last.ckpt")]
     return cmd + list(args.extra)
+
+
+def variant(name: str) -> str:
+    """The benchmark method of a run id (its part before the dataset)."""
+    return next(v for v in sorted(VARIANTS, key=len, reverse=True) if name.startswith(v + "-"))
 
 
 def newest_report(run_dir: Path) -> Path | None:
@@ -55,7 +69,7 @@ def table(results: dict[str, dict]) -> str:
             value = (metrics.get(column) or {}).get("value")
             cells.append("-" if value is None else f"{value:.3g}")
         per_edit = sum(report["timings"]["seconds_per_edit"].values())
-        rows.append(f"| {name} | {report['method']} | {proto['steps'] * proto['edits_per_step']} | "
+        rows.append(f"| {name} | {variant(name)} | {proto['steps'] * proto['edits_per_step']} | "
                     f"{proto['edits_per_step']} | " + " | ".join(cells) + f" | {per_edit:.2f} |")
     return "\n".join(rows) + "\n"
 
@@ -68,10 +82,10 @@ def plot(results: dict[str, dict], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     series: dict[str, list[tuple[int, float]]] = {}
-    for report in results.values():
+    for name, report in results.items():
         score = (report["metrics"].get("score") or {}).get("value")
         if score is not None:
-            label = f"{report['method']} ({report['protocol']['edits_per_step']}/step)"
+            label = f"{variant(name)} ({report['protocol']['edits_per_step']}/step)"
             series.setdefault(label, []).append((report["protocol"]["edits"], score))
     for label, points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["nmke", "alphaedit", "memit"],
-                        choices=["nmke", "alphaedit", "memit"])
+                        choices=list(VARIANTS))
     parser.add_argument("--datasets", nargs="+", default=["counterfact"], choices=["counterfact", "zsre"])
     parser.add_argument("--T", nargs="+", type=int, default=[100, 500, 1000], dest="T")
     parser.add_argument("--per-step", nargs="+", type=int, default=[1, 10])

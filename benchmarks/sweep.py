@@ -13,7 +13,7 @@ For each (v_lr, clamp_norm_factor) it optimises z at the last edited layer for `
 requests, 10 at a time, and reports the mean target probability reached (exp of minus the
 mean target NLL), the Adam steps taken and the seconds.
 
-Stage "layers": for each edited-layer window and Tikhonov weight lambda, it applies `--cases`
+Stage "layers": for each edited-layer window, Tikhonov weight lambda and v_lr, it applies `--cases`
 edits in steps of `--per-step` with NMKE (restricted masks) and then scores the edited cases
 with the probability-comparison protocol (efficacy, generalization, specificity and their
 harmonic mean) plus token-accuracy reliability.
@@ -66,26 +66,25 @@ def layers_stage(lm, cases, args) -> list[dict]:
     cov, _ = layer_covariances(lm.model, lm.spec, lm.tokenizer, text, all_layers, args.cov_tokens, cache_dir=cache)
     original = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in all_layers}
     rows = []
-    for lo, hi in windows:
-        for l2 in args.l2:
-            layers = list(range(lo, hi + 1))
-            config = EditorConfig(layers=layers, method="nmke", v_lr=args.v_lr[0], clamp_norm_factor=args.clamp[0],
-                                  l2=l2)
-            state = EditState.create(lm.model, config, cov, lm.spec)
-            t0 = time.perf_counter()
-            for start in range(0, len(cases), args.per_step):
-                edit_step(lm.model, lm.tokenizer, [c.request for c in cases[start : start + args.per_step]],
-                          config, state)
-            seconds = time.perf_counter() - t0
-            metrics = case_metrics()
-            update_case_metrics(metrics, lm.model, lm.tokenizer, cases, None)
-            summary = summarise_metrics(metrics)
-            values = {k: summary[k]["value"] for k in ("score", "efficacy", "generalization", "specificity", "reliability")}
-            rows.append({"layers": f"{lo}-{hi}", "l2": l2, **values, "seconds_per_edit": seconds / len(cases)})
-            print(rows[-1], flush=True)
-            with torch.no_grad():  # undo the session before the next one
-                for l in layers:
-                    lm.spec.down_proj_module(lm.model, l).weight.copy_(original[l])
+    grid = [(w, l2, lr) for w in windows for l2 in args.l2 for lr in args.v_lr]
+    for (lo, hi), l2, lr in grid:
+        layers = list(range(lo, hi + 1))
+        config = EditorConfig(layers=layers, method="nmke", v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2)
+        state = EditState.create(lm.model, config, cov, lm.spec)
+        t0 = time.perf_counter()
+        for start in range(0, len(cases), args.per_step):
+            edit_step(lm.model, lm.tokenizer, [c.request for c in cases[start : start + args.per_step]],
+                      config, state)
+        seconds = time.perf_counter() - t0
+        metrics = case_metrics()
+        update_case_metrics(metrics, lm.model, lm.tokenizer, cases, None)
+        summary = summarise_metrics(metrics)
+        values = {k: summary[k]["value"] for k in ("score", "efficacy", "generalization", "specificity", "reliability")}
+        rows.append({"layers": f"{lo}-{hi}", "l2": l2, "v_lr": lr, **values, "seconds_per_edit": seconds / len(cases)})
+        print(rows[-1], flush=True)
+        with torch.no_grad():  # undo the session before the next one
+            for l in layers:
+                lm.spec.down_proj_module(lm.model, l).weight.copy_(original[l])
     return rows
 
 
@@ -111,6 +110,7 @@ def main() -> None:
     parser.add_argument("--cov-tokens", type=int, default=100_000)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: a fresh temp dir)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default=None, help="result file sweep_<name>.json (default: the stage)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"stage": args.stage, "model": args.model, "cases": len(cases), "args": vars(args), "rows": rows}
-    (out / f"sweep_{args.stage}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out / f"sweep_{args.name or args.stage}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

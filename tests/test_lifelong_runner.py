@@ -50,3 +50,17 @@ def test_interrupted_session_resumes_from_its_last_checkpoint(tmp_path):
     cmd = runner.session_command(args, "nmke", "counterfact", 4, 2)
     assert cmd[-2:] == ["--ckpt_path", str(ckpt / "last.ckpt")]
     assert cmd[cmd.index("--data.limit") + 1] == "4" and cmd[cmd.index("--data.batch_size") + 1] == "2"
+
+
+def test_post_mask_variant_runs_nmke_with_the_authors_masking(tmp_path):
+    runner = load_runner()
+    args = runner.argparse.Namespace(runs=str(tmp_path / "runs"), config_template="configs/smollm2_{method}_{data}.yaml",
+                                     curve_points=1, extra=[])
+    cmd = runner.session_command(args, "nmke-post", "zsre", 100, 10)
+    assert cmd[cmd.index("--config") + 1] == "configs/smollm2_nmke_zsre.yaml"
+    assert cmd[cmd.index("--model.editor.method") + 1] == "nmke"
+    assert cmd[cmd.index("--model.editor.mask_mode") + 1] == "post"
+    assert str(tmp_path / "runs" / "nmke-post-zsre-T100-b10") in cmd
+    assert runner.variant("nmke-post-zsre-T100-b10") == "nmke-post"
+    assert runner.variant("nmke-zsre-T100-b10") == "nmke"
+    assert runner.variant("memit-counterfact-T1000-b1") == "memit"
