@@ -252,3 +252,20 @@ def test_lens_cache_respects_its_budget() -> None:
     assert cache.get(2, weight, norm_weight, unembed) is None  # would exceed the budget
     assert cache.get(1, weight, norm_weight, unembed) is not None
     assert LensProductCache(max_bytes=0).get(1, weight, norm_weight, unembed) is None
+
+
+def test_lens_cache_sees_the_rank_of_an_edit_through_float32_rounding() -> None:
+    # Realistic magnitudes: weights ~0.05, edits ~1e-3 of rank 2. W + delta is rounded to float32,
+    # so the difference the cache sees is the edit plus full-rank rounding noise.
+    g = torch.Generator().manual_seed(11)
+    d, d_ff, vocab = 48, 128, 300
+    weight = torch.randn(d, d_ff, generator=g) * 0.05
+    norm_weight, unembed = torch.rand(d, generator=g) + 0.5, torch.randn(vocab, d, generator=g)
+    cache = LensProductCache(refresh_every=1000)
+    cache.get(0, weight, norm_weight, unembed)
+    for _ in range(20):
+        weight += (torch.randn(d, 2, generator=g) @ torch.randn(2, d_ff, generator=g)) * 1e-3
+        got = cache.get(0, weight, norm_weight, unembed)
+    assert cache.builds == 1 and cache.low_rank_updates == 20
+    want = fresh_product(weight, norm_weight, unembed)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5

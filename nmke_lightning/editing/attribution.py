@@ -139,7 +139,11 @@ class LensProductCache:
                 return entry["A"]
             if entry["updates"] < self.refresh_every:
                 u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
-                keep = s > s[0] * 1e-7 if s.numel() else s.bool()
+                # The float32 weight rounds every entry after an edit, so the change also holds
+                # noise of up to eps/2 per entry (spectral norm <= eps/2 ||W||_F) at full rank.
+                # Components below that are dropped: they move A no more than A's own rounding.
+                noise = torch.finfo(torch.float32).eps * float(weight.norm())
+                keep = s > noise
                 rank = int(keep.sum())
                 if rank <= self.max_rank_fraction * min(change.shape):
                     right = unembed_g @ (u[:, keep] * s[keep]).float()  # [V, r]
