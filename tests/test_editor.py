@@ -248,3 +248,23 @@ def test_masks_on_the_tiny_model(tiny, templates):
         assert torch.equal(m.mask, m.general | m.specific)
         assert 0.3 <= m.general_ratio <= 0.4 and 0.3 <= m.specific_ratio <= 0.4
         assert 0.3 <= m.kept_share <= 0.8
+
+
+def test_step_masks_with_series_and_lens_cache_equal_exact_masks(tiny):
+    # edit_step scores neurons with the moment series and a W_U diag(g) W_l kept from the last
+    # step; after an edit, its masks must equal exact scoring from scratch on the same model.
+    lm = fresh(tiny)
+    layers = [1, 2]
+    config = EditorConfig(layers=layers, v_lr=0.5, attribution_series_terms=4)
+    exact = EditorConfig(layers=layers, attribution_series_terms=0, lens_cache_bytes=0)
+    state = EditState.create(lm.model, config, covariances(lm, layers), lm.spec)
+    more = [EditRequest("They moved to the old Berlin", "the old Berlin", "river"),
+            EditRequest("She sang about Paris", "Paris", "snow")]
+    edit_step(lm.model, lm.tokenizer, REQUESTS, config, state)
+    assert state.lens_cache is not None and state.lens_cache.builds == len(layers)
+    want = compute_masks(lm.model, lm.tokenizer, more, exact, state.templates)
+    result = edit_step(lm.model, lm.tokenizer, more, config, state)
+    assert state.lens_cache.builds == len(layers) and state.lens_cache.low_rank_updates == len(layers)
+    for l in layers:
+        assert torch.equal(result.masks[l].mask, want[l].mask)
+        assert result.masks[l].general_ratio == pytest.approx(want[l].general_ratio, abs=1e-6)

@@ -84,7 +84,7 @@ class EditorConfig:
     neuron_chunk: int | None = None
     """Neurons scored at once in the attribution (memory: prompts x chunk x vocabulary floats); None picks the largest chunk within 128 MiB."""
     attribution_series_terms: int = 10
-    """Moments of the series that replaces most attribution log-sum-exps (attribution.py); 0 computes every score exactly."""
+    """Moments of the series that replaces most attribution log-sum-exps (attribution.py); 0 computes every score exactly. Used when a step has at least twice as many prompts as terms: the series costs about terms x vocabulary x d_ff products whatever the number of prompts, the exact path one exponential per prompt."""
     attribution_series_tol: float = 1e-6
     """Largest change of an attribution score the truncated series may cause; other scores are computed exactly."""
     lens_cache_bytes: int = 2 * 2**30
@@ -276,6 +276,8 @@ def compute_masks(
         inputs = read_attribution_inputs(model, spec, batch, config.layers, config.attribution_position)
     final_norm = get_module(model, spec.final_norm)
     unembed = get_module(model, spec.unembed)
+    n_prompts = 0 if inputs is None else int(inputs.targets.numel())
+    series_terms = config.attribution_series_terms if n_prompts >= 2 * config.attribution_series_terms else 0
     masks = {}
     for l in config.layers:
         if inputs is None:
@@ -287,7 +289,7 @@ def compute_masks(
                 inputs.resid[l], inputs.keys[l], inputs.final_scale, weight,
                 final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
                 amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
-                series_terms=config.attribution_series_terms, series_tol=config.attribution_series_tol,
+                series_terms=series_terms, series_tol=config.attribution_series_tol,
                 lens_product=product,
             )
         masks[l] = neuron_mask(gather(scores), config.mask)
