@@ -1,0 +1,67 @@
+"""The hyperparameter sweep script on the tiny model: its grid, its numbers and its clean-up."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from nmke_lightning.data import load_cases, sample_path
+from nmke_lightning.editing.values import compute_values, generate_context_templates
+from nmke_lightning.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "benchmarks" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def namespace(**kw):
+    base = dict(layers=["1-2"], v_lr=[0.1], clamp=[0.75], v_steps=4, l2=[1.0], per_step=2, cov_tokens=300,
+                cache_dir=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_values_stage_reports_each_grid_point_from_the_train_file():
+    sweep = load_sweep()
+    lm = load_model("tiny-llama", seed=0)
+    cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:12]  # two batches of 10
+    rows = sweep.values_stage(lm, cases, namespace(v_lr=[0.05, 0.2], clamp=[0.5, 2.0]))
+    assert [(r["v_lr"], r["clamp"]) for r in rows] == [(0.05, 0.5), (0.05, 2.0), (0.2, 0.5), (0.2, 2.0)]
+    # Independent recomputation of one grid point: layer 2 is the window's last layer.
+    templates = generate_context_templates(lm.model, lm.tokenizer)
+    probs = []
+    for start in (0, 10):
+        result = compute_values(lm.model, lm.spec, lm.tokenizer, [c.request for c in cases[start : start + 10]],
+                                templates, 2, lr=0.2, num_steps=4, clamp_norm_factor=2.0)
+        probs.append((-result.nll).exp())
+    assert abs(rows[3]["target_prob"] - float(torch.cat(probs).mean())) < 1e-5
+    assert all(r["layer"] == 2 and 0 < r["steps"] <= 4 for r in rows)
+
+
+def test_layers_stage_scores_each_session_and_restores_the_model(tmp_path):
+    sweep = load_sweep()
+    lm = load_model("tiny-llama", seed=0)
+    cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:4]
+    before = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in (0, 1, 2)}
+    seen = []
+    original_step = sweep.edit_step
+
+    def spy(model, tokenizer, requests, config, state):
+        result = original_step(model, tokenizer, requests, config, state)
+        seen.append({l: float(d.norm()) for l, d in result.deltas.items()})
+        return result
+
+    sweep.edit_step = spy
+    rows = sweep.layers_stage(lm, cases, namespace(layers=["0-1", "1-2"], cache_dir=str(tmp_path)))
+    assert [r["layers"] for r in rows] == ["0-1", "1-2"]
+    assert len(seen) == 4 and all(norm > 0 for step in seen for norm in step.values())  # edits happened
+    for row in rows:
+        for key in ("score", "efficacy", "generalization", "specificity", "reliability"):
+            assert 0.0 <= row[key] <= 1.0
+    for l, weight in before.items():  # every session starts from, and leaves, the unedited model
+        assert torch.equal(lm.spec.down_proj_module(lm.model, l).weight, weight)
