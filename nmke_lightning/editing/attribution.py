@@ -52,6 +52,9 @@ Around 100-200 MB is large enough that per-chunk overheads (kernel launches, the
 for ``A``) are negligible and small enough to sit beside a large model on the accelerator.
 """
 
+DENSE_BLOCK_BYTES = 16 * 2**20
+"""Cap on the automatic block when every score is exact (``series_terms=0``)."""
+
 DEFAULT_SERIES_TERMS = 10
 """Moments in the series; with the default tolerance it covers pairs with rho up to about 1.1."""
 
@@ -321,8 +324,12 @@ def attribution_scores(
 
     radius = series_radius(series_terms, series_tol)
     terms = series_terms if radius > 0 else 0
-    chunk = neuron_chunk or auto_neuron_chunk(n_prompts, vocab, d_ff, max_block_bytes, terms)
+    # Without the series every pair is exact: dense [P, c, V] blocks in one reused buffer, kept
+    # near cache size (each block is swept five times; from main memory that is the bottleneck).
+    budget = max_block_bytes if terms else min(max_block_bytes, DENSE_BLOCK_BYTES)
+    chunk = neuron_chunk or auto_neuron_chunk(n_prompts, vocab, d_ff, budget, terms)
     chunk = min(chunk, d_ff)
+    dense = None if terms else torch.empty(n_prompts * chunk * vocab, **f32)
     factorials = torch.tensor([math.factorial(k) for k in range(1, terms + 1)], **f32)[:, None, None]
 
     weight_t = weight.t()  # [d_ff, d]: row j = neuron j's value vector
@@ -350,7 +357,13 @@ def attribution_scores(
             series = w_mass + (c_pow * moments / factorials).sum(dim=0)
             lse = torch.where(use_series, base_lse + c * mid + series.log(), lse)
         exact = ~use_series
-        if bool(exact.any()):
+        if dense is not None:
+            block = dense[: c.numel() * vocab].view(n_prompts, -1, vocab)  # [P, c, V]
+            torch.addcmul(base[:, None, :], c[:, :, None], rows[None, :, :], out=block)
+            row_max = block.amax(dim=2, keepdim=True)
+            block.sub_(row_max).exp_()
+            lse = block.sum(dim=2).log_().add_(row_max.squeeze(2))
+        elif bool(exact.any()):
             prompts, neurons = exact.nonzero(as_tuple=True)
             lse[prompts, neurons] = _exact_lse(base, c, rows, prompts, neurons, max_block_bytes)
 
