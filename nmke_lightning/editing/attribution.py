@@ -159,9 +159,6 @@ class LensProductCache:
         self.builds += 1
         return self._entries[key]["A"]
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 def _clamped_log_prob(
     target_logit: torch.Tensor, lse: torch.Tensor, log_lo: float, log_hi: float
@@ -214,6 +211,15 @@ def _check_shapes(
         )
 
 
+def _lse_in_place(block: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the last dimension, overwriting `block` (one block in memory instead of
+    torch.logsumexp's temporary); an infinite or NaN max turns the row into NaN, which
+    _clamped_log_prob maps to NaN."""
+    row_max = block.amax(dim=-1, keepdim=True)
+    block.sub_(row_max).exp_()
+    return block.sum(dim=-1).log_().add_(row_max.squeeze(-1))
+
+
 def _exact_lse(
     base: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, prompts: torch.Tensor, neurons: torch.Tensor,
     max_block_bytes: int,
@@ -224,13 +230,35 @@ def _exact_lse(
     step = max(1, max_block_bytes // (vocab * _FLOAT32_BYTES))
     for start in range(0, prompts.numel(), step):
         p, j = prompts[start : start + step], neurons[start : start + step]
-        block = torch.addcmul(base[p], coef[p, j][:, None], rows[j])  # [n, V]
-        # log-sum-exp in place (one block in memory instead of torch.logsumexp's temporary);
-        # an infinite or NaN max turns the row into NaN, which _clamped_log_prob maps to NaN.
-        row_max = block.amax(dim=1, keepdim=True)
-        block.sub_(row_max).exp_()
-        out[start : start + step] = block.sum(dim=1).log_().add_(row_max.squeeze(1))
+        out[start : start + step] = _lse_in_place(torch.addcmul(base[p], coef[p, j][:, None], rows[j]))  # [n, V]
     return out
+
+
+def _series_then_exact_lse(
+    base: torch.Tensor, base_lse: torch.Tensor, finite_rows: torch.Tensor, w: torch.Tensor, w_mass: torch.Tensor,
+    c: torch.Tensor, rows: torch.Tensor, radius: float, factorials: torch.Tensor, max_block_bytes: int,
+) -> torch.Tensor:
+    """``logsumexp(base[p] + c[p, j] * rows[j])`` for a neuron chunk ``[P, c]``: the moment series
+    where ``rho_pj <= radius`` (module docstring), the exact log-sum-exp elsewhere."""
+    terms, vocab = factorials.shape[0], base.shape[1]
+    hi, lo = rows.amax(dim=1), rows.amin(dim=1)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
+    use_series = (c.abs() * half <= radius) & finite_rows  # NaN/inf rho -> exact path
+    lse = torch.full_like(c, torch.nan)
+    if bool(use_series.any()):
+        powers = torch.empty(terms, rows.shape[0], vocab, device=rows.device, dtype=torch.float32)  # (A - m)^k
+        torch.sub(rows, mid[:, None], out=powers[0])
+        for k in range(1, terms):
+            torch.mul(powers[k - 1], powers[0], out=powers[k])
+        moments = (powers.view(-1, vocab) @ w.t()).view(terms, -1, c.shape[0]).transpose(1, 2)  # [K, P, c]
+        c_pow = torch.cumprod(c.expand(terms, -1, -1), dim=0)  # [K, P, c]: c^k
+        series = w_mass + (c_pow * moments / factorials).sum(dim=0)
+        lse = torch.where(use_series, base_lse + c * mid + series.log(), lse)
+    exact = ~use_series
+    if bool(exact.any()):
+        prompts, neurons = exact.nonzero(as_tuple=True)
+        lse[prompts, neurons] = _exact_lse(base, c, rows, prompts, neurons, max_block_bytes)
+    return lse
 
 
 @torch.no_grad()  # a read-only probe: the model's weights may still have requires_grad set
@@ -314,9 +342,6 @@ def attribution_scores(
     base_target = base.gather(1, targets[:, None])  # [P, 1]
     base_lse = torch.logsumexp(base, dim=1, keepdim=True)  # [P, 1]
     base_log_p = _clamped_log_prob(base_target, base_lse, log_lo, log_hi)  # [P, 1]
-    finite_rows = torch.isfinite(base_lse)  # [P, 1]: only these have a usable softmax w_p
-    w = torch.where(finite_rows, (base - base_lse).exp(), 0.0)  # [P, V]
-    w_mass = w.sum(dim=1, keepdim=True)  # [P, 1]: the 0th moment (1 up to rounding)
 
     # The lens divides by sigma_p measured on the real forward (METHOD.md), not by the norm of the
     # amplified vector, so the amplified sub-value is scaled by the same fixed 1/sigma_p.
@@ -330,6 +355,10 @@ def attribution_scores(
     chunk = neuron_chunk or auto_neuron_chunk(n_prompts, vocab, d_ff, budget, terms)
     chunk = min(chunk, d_ff)
     dense = None if terms else torch.empty(n_prompts * chunk * vocab, **f32)
+    if terms:
+        finite_rows = torch.isfinite(base_lse)  # [P, 1]: only these have a usable softmax w_p
+        w = torch.where(finite_rows, (base - base_lse).exp(), 0.0)  # [P, V]
+        w_mass = w.sum(dim=1, keepdim=True)  # [P, 1]: the 0th moment (1 up to rounding)
     factorials = torch.tensor([math.factorial(k) for k in range(1, terms + 1)], **f32)[:, None, None]
 
     weight_t = weight.t()  # [d_ff, d]: row j = neuron j's value vector
@@ -340,32 +369,12 @@ def attribution_scores(
         else:
             rows = weight_t[start:stop] @ unembed_g.t()
         c = coef[:, start:stop]  # [P, c]
-        lse = torch.full_like(c, torch.nan)
-
-        use_series = torch.zeros_like(c, dtype=torch.bool)
-        if terms:
-            hi, lo = rows.amax(dim=1), rows.amin(dim=1)
-            mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
-            use_series = (c.abs() * half <= radius) & finite_rows  # NaN/inf rho -> exact path
-        if bool(use_series.any()):
-            powers = torch.empty(terms, stop - start, vocab, **f32)  # [K, c, V]: (A - m)^k
-            torch.sub(rows, mid[:, None], out=powers[0])
-            for k in range(1, terms):
-                torch.mul(powers[k - 1], powers[0], out=powers[k])
-            moments = (powers.view(-1, vocab) @ w.t()).view(terms, -1, n_prompts).transpose(1, 2)  # [K, P, c]
-            c_pow = torch.cumprod(c.expand(terms, -1, -1), dim=0)  # [K, P, c]: c^k
-            series = w_mass + (c_pow * moments / factorials).sum(dim=0)
-            lse = torch.where(use_series, base_lse + c * mid + series.log(), lse)
-        exact = ~use_series
-        if dense is not None:
+        if dense is not None:  # every pair exact
             block = dense[: c.numel() * vocab].view(n_prompts, -1, vocab)  # [P, c, V]
-            torch.addcmul(base[:, None, :], c[:, :, None], rows[None, :, :], out=block)
-            row_max = block.amax(dim=2, keepdim=True)
-            block.sub_(row_max).exp_()
-            lse = block.sum(dim=2).log_().add_(row_max.squeeze(2))
-        elif bool(exact.any()):
-            prompts, neurons = exact.nonzero(as_tuple=True)
-            lse[prompts, neurons] = _exact_lse(base, c, rows, prompts, neurons, max_block_bytes)
+            lse = _lse_in_place(torch.addcmul(base[:, None, :], c[:, :, None], rows[None, :, :], out=block))
+        else:
+            lse = _series_then_exact_lse(base, base_lse, finite_rows, w, w_mass, c, rows, radius, factorials,
+                                         max_block_bytes)
 
         # Gather from the same A slice so the target logit matches the log-sum-exp's columns.
         target_logit = base_target + c * rows[:, targets].t()  # [P, c]
