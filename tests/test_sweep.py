@@ -9,8 +9,6 @@ from nmke_lightning.editing.values import compute_values, generate_context_templ
 from nmke_lightning.models import load_model
 
 
-
-
 def namespace(**kw):
     base = dict(layers=["1-2"], v_lr=[0.1], clamp=[0.75], v_steps=4, l2=[1.0], per_step=2, cov_tokens=300,
                 cache_dir=None)
