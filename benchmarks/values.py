@@ -4,8 +4,8 @@
 
 Requests are the first records of the shipped CounterFact sample; the templates come from
 `generate_context_templates` with its defaults. Every forward of the decoder stack during the
-call is counted as rows x padded length: the no-grad set-up forward(s) first, then one per loss
-evaluation. `--full-sequence` passes ``prefix_cache=False`` (every evaluation over the full
+call is counted as rows x padded length: the no-grad set-up forward(s), then the forwards of the
+loss evaluations (one per group of similar window width). `--full-sequence` passes ``prefix_cache=False`` (every evaluation over the full
 padded prompts).
 """
 
@@ -36,10 +36,10 @@ def main() -> None:
     lm = load_model(args.model)
     requests = [c.request for c in load_cases(sample_path("counterfact_sample.json")).cases[: args.requests]]
     templates = generate_context_templates(lm.model, lm.tokenizer)
-    shapes: list[tuple[int, int]] = []
+    shapes: list[tuple[bool, int, int]] = []  # (in a loss evaluation, rows, length)
 
     def count(module, args_, kwargs):
-        shapes.append(tuple((args_[0] if args_ else kwargs["input_ids"]).shape))
+        shapes.append((torch.is_grad_enabled(), *(args_[0] if args_ else kwargs["input_ids"]).shape))
 
     handle = lm.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
     kwargs = {"prefix_cache": False} if args.full_sequence else {}
@@ -51,13 +51,14 @@ def main() -> None:
         handle.remove()
     seconds = time.perf_counter() - t0
     evals = result.history.shape[0]
-    setup, loop = shapes[: len(shapes) - evals], shapes[len(shapes) - evals :]
+    setup = [(b, t) for grad, b, t in shapes if not grad]
+    loop = [(b, t) for grad, b, t in shapes if grad]
     print(f"model {args.model}  layer {args.layer}  requests {len(requests)}  templates {len(templates)}  "
           f"threads {torch.get_num_threads()}")
     print(f"compute_values: {seconds:.2f} s, {evals} loss evaluations, steps per request {result.steps.tolist()}")
     print("set-up forwards (rows x length): " + ", ".join(f"{b}x{t}" for b, t in setup))
     print("evaluation forwards (rows x length): " + ", ".join(f"{b}x{t}" for b, t in loop))
-    print(f"tokens per evaluation: first {loop[0][0] * loop[0][1]}, mean {sum(b * t for b, t in loop) / evals:.0f}")
+    print(f"evaluation forwards: {len(loop)}, padded tokens per evaluation: mean {sum(b * t for b, t in loop) / evals:.0f}")
     print(f"final loss {result.loss.tolist()}")
 
 

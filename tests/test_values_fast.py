@@ -1,11 +1,21 @@
 """The z optimisation's windowed forward (prefix key/value cache, stopped requests dropped) gives
 the same values as the full-sequence forward, on every tiny architecture."""
 
+import math
+
 import pytest
 import torch
 
+from nmke_lightning.editing import values
 from nmke_lightning.editing.tokens import encode
-from nmke_lightning.editing.values import _record_output, _run_windows, compute_values, generate_context_templates
+from nmke_lightning.editing.values import (
+    _record_output,
+    _run_window_groups,
+    _run_windows,
+    compute_values,
+    generate_context_templates,
+    window_groups,
+)
 from nmke_lightning.editing.requests import EditRequest
 from nmke_lightning.models import BUILTIN_MODELS, load_model
 
@@ -58,7 +68,61 @@ def test_windows_equal_the_full_forward(tiny):
         assert torch.allclose(window[i, : end[i] - start[i]], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_cache_gives_the_full_sequence_values(tiny):
+def brute_force_groups(width: list[int], overhead: float) -> float:
+    """Least padded tokens + overhead over every partition of the rows (set partitions)."""
+    best = math.inf
+
+    def walk(i, groups):
+        nonlocal best
+        if i == len(width):
+            best = min(best, sum(overhead + max(g) * len(g) for g in groups))
+            return
+        for g in groups:
+            g.append(width[i])
+            walk(i + 1, groups)
+            g.pop()
+        groups.append([width[i]])
+        walk(i + 1, groups)
+        groups.pop()
+
+    walk(0, [])
+    return best
+
+
+@pytest.mark.parametrize("overhead", [0, 3, 8, 100])
+def test_window_groups_minimise_padding_over_every_partition(overhead):
+    gen = torch.Generator().manual_seed(overhead)
+    for _ in range(6):
+        width = torch.randint(1, 9, (7,), generator=gen)
+        groups = window_groups(width, overhead)
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(width)))  # a partition of the rows
+        cost = sum(overhead + int(width[g].max()) * len(g) for g in groups)
+        assert cost == brute_force_groups(width.tolist(), overhead)
+    assert len(window_groups(torch.tensor([4, 4, 4]), 0)) == 1
+
+
+def test_grouped_windows_equal_one_padded_batch(tiny, monkeypatch):
+    monkeypatch.setattr(values, "GROUP_OVERHEAD_TOKENS", 0)  # tiny windows: split wherever it saves padding
+    texts = ["We walked towards the Eiffel Tower and the city", "Japan is a", "Japan",
+             "Danielle Darrieux was born in the town of Paris", "In the river near the old school"]
+    subjects = ["We walked towards the Eiffel Tower", "Japan", "Japan", "Danielle Darrieux", "In the river"]
+    batch = encode(tiny.tokenizer, texts, [len(s) for s in subjects])
+    layer, rows = 1, torch.tensor([3, 0, 4, 2, 1])
+    prefix, cache = _record_output(tiny.model, f"{tiny.spec.layers}.{layer}", batch.model_inputs(), cache=True)
+    prefix_kv = [(keys, values) for keys, values, *_ in cache]
+    shift = torch.randn(len(rows), tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    start, end = batch.lookup[rows], batch.last[rows] + 1
+    assert len(window_groups(end - start, 0)) > 1
+    one = _run_windows(tiny.model, tiny.spec, layer, batch, prefix, prefix_kv, rows, start, end, shift)
+    grouped = _run_window_groups(tiny.model, tiny.spec, layer, batch, prefix, prefix_kv, rows, start, end, shift)
+    assert grouped.shape == one.shape
+    for i in range(len(rows)):
+        n = int(end[i] - start[i])
+        assert torch.allclose(grouped[i, :n], one[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_gives_the_full_sequence_values(tiny, monkeypatch):
+    monkeypatch.setattr(values, "GROUP_OVERHEAD_TOKENS", 0)
     templates = generate_context_templates(tiny.model, tiny.tokenizer, per_start=1, length=5, seed=3)
     reference = compute_values(tiny.model, tiny.spec, tiny.tokenizer, REQUESTS, templates, stop_loss=0.0, **KWARGS)
     # Halfway between the two lowest final losses: one request stops part-way, the others go on.
@@ -81,13 +145,14 @@ def test_prefix_cache_gives_the_full_sequence_values(tiny):
         assert torch.allclose(getattr(fast, name), getattr(full, name), atol=1e-5, rtol=1e-5, equal_nan=True), name
     assert torch.equal(fast.history.isnan(), full.history.isnan())
 
-    # One forward per loss evaluation (after the set-up forward), over the rows of the requests
-    # still active: their templates and their KL prompt.
+    # After the set-up forward, the loss evaluations run the rows of the requests still active
+    # (their templates and their KL prompt): one forward each over the full prompts, or one per
+    # window-width group, and then a KL row (a single-token window) is never padded.
     n_t = len(templates)
     live = (~fast.history.isnan()).sum(1)
-    for prefix_cache in (False, True):
-        rows = [b for b, _ in shapes[prefix_cache][1:]]
-        assert rows == (live * (n_t + 1)).tolist()
+    assert [b for b, _ in shapes[False][1:]] == (live * (n_t + 1)).tolist()
+    assert sum(b for b, _ in shapes[True][1:]) == int((live * (n_t + 1)).sum())
+    assert len(shapes[True]) > len(shapes[False]) and any(t == 1 for _, t in shapes[True][1:])
     full_len = shapes[False][0][1]
     assert all(t == full_len for _, t in shapes[False])
     assert all(t < full_len for _, t in shapes[True][1:])
