@@ -183,6 +183,20 @@ def test_series_matches_plain_loop_in_both_regimes(terms: int, chunk: int | None
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tol", [1e-6, 1e-3])
+def test_neurons_of_different_radii_take_their_own_terms_within_the_tolerance(tol: float) -> None:
+    # Neuron values from 1e-4 to 1 times a base scale: in one chunk, some neurons need one
+    # term, some all of them, some pairs none (exact path).
+    inputs = random_inputs(seed=11, bias=False, weight_scale=0.03)
+    inputs["weight"] *= torch.logspace(-4, 0, D_FF)
+    rho = lens_radius(inputs)
+    need = [min(k for k in range(1, 11) if series_radius(k, tol) >= r) for r in rho.amax(0) if r <= series_radius(10, tol)]
+    assert min(need) == 1 and max(need) >= 6 and (rho > series_radius(10, tol)).any()
+    got = attribution_scores(**inputs, series_terms=10, series_tol=tol)
+    want = reference_scores(**inputs)
+    torch.testing.assert_close(got.double(), want, atol=tol + 1e-5, rtol=0)
+
+
 def test_series_off_and_on_agree_on_saturation_and_non_finite_inputs() -> None:
     inputs = random_inputs(seed=8, bias=False, weight_scale=0.01)
     inputs["final_scale"][1] = 0.0

@@ -148,6 +148,7 @@ def test_attribution_inputs_reproduce_the_logits(tiny, templates):
     padded = read_attribution_inputs(tiny.model, tiny.spec, batch, [2], "padded_last")
     shorter = batch.last < batch.input_ids.shape[1] - 1
     assert shorter.any() and not torch.allclose(padded.resid[2][shorter], inputs.resid[2][shorter])
+    assert torch.equal(padded.targets, logits[:, -1].argmax(-1))
 
 
 @pytest.mark.parametrize("method,mask_mode", [("memit", "restricted"), ("alphaedit", "restricted"),

@@ -25,7 +25,8 @@ Instead, centre each column ``A[:, j]`` on its mid-range ``m_j`` with half-range
 
     E_w[exp(c A_j)] = exp(c m_j) * sum_k c^k / k! * M_k[p, j],   M_k = w @ (A - m)^k
 
-The moments ``M_k`` are K matrix products (fast on any hardware). Truncating after K terms
+The moments ``M_k`` are K matrix products (fast on any hardware), and a neuron takes only the
+terms its largest series rho needs (7.7 of 10 on average on SmolLM2). Truncating after K terms
 changes the log by at most ``rho^(K+1) / (K+1)! * exp(2 rho)`` (Lagrange remainder of exp, over a
 lower bound ``exp(-rho)`` of the expectation), so pairs with ``rho_pj`` below the radius where
 that bound reaches ``series_tol`` use the series, and the rest (a few percent on real models,
@@ -39,6 +40,7 @@ between edit steps and follows a weight change with a low-rank update: one edit 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -236,21 +238,36 @@ def _exact_lse(
 
 def _series_then_exact_lse(
     base: torch.Tensor, base_lse: torch.Tensor, finite_rows: torch.Tensor, w: torch.Tensor, w_mass: torch.Tensor,
-    c: torch.Tensor, rows: torch.Tensor, radius: float, factorials: torch.Tensor, max_block_bytes: int,
+    c: torch.Tensor, rows: torch.Tensor, radius: torch.Tensor, factorials: torch.Tensor, max_block_bytes: int,
 ) -> torch.Tensor:
     """``logsumexp(base[p] + c[p, j] * rows[j])`` for a neuron chunk ``[P, c]``: the moment series
-    where ``rho_pj <= radius`` (module docstring), the exact log-sum-exp elsewhere."""
+    where ``rho_pj <= radius[-1]`` (module docstring), the exact log-sum-exp elsewhere. `radius`
+    holds the radius of 1..K terms, increasing."""
     terms, vocab = factorials.shape[0], base.shape[1]
     hi, lo = rows.amax(dim=1), rows.amin(dim=1)
     mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
-    use_series = (c.abs() * half <= radius) & finite_rows  # NaN/inf rho -> exact path
+    rho = c.abs() * half  # [P, c]
+    use_series = (rho <= radius[-1]) & finite_rows  # NaN/inf rho -> exact path
     lse = torch.full_like(c, torch.nan)
     if bool(use_series.any()):
-        powers = torch.empty(terms, rows.shape[0], vocab, device=rows.device, dtype=torch.float32)  # (A - m)^k
-        torch.sub(rows, mid[:, None], out=powers[0])
+        # Neuron j needs only as many terms as its largest series rho asks for (radius[k - 1] is
+        # the radius of k terms); rows sorted by that need shrink the k-th power and product to
+        # the rows that still need term k.
+        need = torch.searchsorted(radius, torch.where(use_series, rho, 0.0).amax(dim=0).contiguous()) + 1  # [c]
+        order = need.argsort(descending=True)
+        n_rows = [int((need > k).sum()) for k in range(terms)]
+        offsets = [0, *itertools.accumulate(n_rows)]
+        # The needed rows of (A - m)^1..K, packed one power after the other: one matrix product.
+        packed = torch.empty(offsets[-1], vocab, device=rows.device, dtype=torch.float32)
+        power = [packed[offsets[k] : offsets[k + 1]] for k in range(terms)]
+        torch.sub(rows[order], mid[order, None], out=power[0])
         for k in range(1, terms):
-            torch.mul(powers[k - 1], powers[0], out=powers[k])
-        moments = (powers.view(-1, vocab) @ w.t()).view(terms, -1, c.shape[0]).transpose(1, 2)  # [K, P, c]
+            torch.mul(power[k - 1][: n_rows[k]], power[0][: n_rows[k]], out=power[k])
+        packed_moments = packed @ w.t()  # [sum n_rows, P]
+        moments = torch.zeros(terms, rows.shape[0], w.shape[0], device=rows.device)  # [K, c, P]
+        for k in range(terms):
+            moments[k, : n_rows[k]] = packed_moments[offsets[k] : offsets[k + 1]]
+        moments = moments[:, order.argsort()].transpose(1, 2)  # [K, P, c] in the chunk's order
         c_pow = torch.cumprod(c.expand(terms, -1, -1), dim=0)  # [K, P, c]: c^k
         series = w_mass + (c_pow * moments / factorials).sum(dim=0)
         lse = torch.where(use_series, base_lse + c * mid + series.log(), lse)
@@ -347,8 +364,8 @@ def attribution_scores(
     # amplified vector, so the amplified sub-value is scaled by the same fixed 1/sigma_p.
     coef = amplify * keys / sigma[:, None]  # [P, d_ff]
 
-    radius = series_radius(series_terms, series_tol)
-    terms = series_terms if radius > 0 else 0
+    terms = series_terms if series_radius(series_terms, series_tol) > 0 else 0
+    radius = torch.tensor([series_radius(k, series_tol) for k in range(1, terms + 1)], **f32)
     # Without the series every pair is exact: dense [P, c, V] blocks in one reused buffer, kept
     # near cache size (each block is swept five times; from main memory that is the bottleneck).
     budget = max_block_bytes if terms else min(max_block_bytes, DENSE_BLOCK_BYTES)

@@ -83,7 +83,9 @@ def read_attribution_inputs(
     resid_names = {l: spec.residual_in.format(l) for l in layers}
     key_names = {l: spec.down_proj.format(l) for l in layers}
     with trace(model, inputs=[*resid_names.values(), *key_names.values(), spec.final_norm]) as rec:
-        logits = model(**batch.model_inputs(), use_cache=False).logits
+        hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state
+    # The LM head only where the attribution reads (a [P, V] block, not [P, T, V]).
+    logits = get_module(model, spec.unembed)(hidden[rows, pos])
     final = rec.inputs[spec.final_norm][rows, pos].float()  # [P, d]
     eps = norm_epsilon(get_module(model, spec.final_norm))
     if spec.norm_kind == "rms":
@@ -96,5 +98,5 @@ def read_attribution_inputs(
         resid={l: rec.inputs[n][rows, pos].float() for l, n in resid_names.items()},
         keys={l: rec.inputs[n][rows, pos].float() for l, n in key_names.items()},
         final_scale=scale,
-        targets=logits[rows, pos].argmax(-1),
+        targets=logits.argmax(-1),
     )
