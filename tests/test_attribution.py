@@ -231,24 +231,25 @@ def fresh_product(weight, norm_weight, unembed) -> torch.Tensor:
     return (weight.double().t() @ (unembed.double() * norm_weight.double()).t())
 
 
-def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise() -> None:
+@pytest.mark.parametrize("d,d_ff", [(D, D_FF), (D_FF, D)])  # the change's SVD from either side
+def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise(d: int, d_ff: int) -> None:
     g = torch.Generator().manual_seed(10)
-    weight = torch.randn(D, D_FF, generator=g)
-    norm_weight = torch.rand(D, generator=g) + 0.5
-    unembed = torch.randn(V, D, generator=g)
+    weight = torch.randn(d, d_ff, generator=g)
+    norm_weight = torch.rand(d, generator=g) + 0.5
+    unembed = torch.randn(V, d, generator=g)
     cache = LensProductCache(refresh_every=3)
     first = cache.get("l", weight, norm_weight, unembed)
-    assert cache.builds == 1 and first.shape == (D_FF, V)
+    assert cache.builds == 1 and first.shape == (d_ff, V)
     assert cache.get("l", weight, norm_weight, unembed) is first and cache.builds == 1  # unchanged
     for step in range(3):  # rank-1 edits: updated in place, no rebuild
-        weight += torch.randn(D, 1, generator=g) @ torch.randn(1, D_FF, generator=g)
+        weight += torch.randn(d, 1, generator=g) @ torch.randn(1, d_ff, generator=g)
         got = cache.get("l", weight, norm_weight, unembed)
         torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
     assert cache.builds == 1 and cache.low_rank_updates == 3
-    weight += torch.randn(D, 1, generator=g) @ torch.randn(1, D_FF, generator=g)
+    weight += torch.randn(d, 1, generator=g) @ torch.randn(1, d_ff, generator=g)
     cache.get("l", weight, norm_weight, unembed)  # a fourth in a row: refresh
     assert cache.builds == 2
-    weight += torch.randn(D, D_FF, generator=g)  # full rank: rebuild
+    weight += torch.randn(d, d_ff, generator=g)  # full rank: rebuild
     got = cache.get("l", weight, norm_weight, unembed)
     assert cache.builds == 3
     torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
@@ -268,11 +269,12 @@ def test_lens_cache_respects_its_budget() -> None:
     assert LensProductCache(max_bytes=0).get(1, weight, norm_weight, unembed) is None
 
 
-def test_lens_cache_sees_the_rank_of_an_edit_through_float32_rounding() -> None:
+@pytest.mark.parametrize("d,d_ff", [(48, 128), (128, 48)])
+def test_lens_cache_sees_the_rank_of_an_edit_through_float32_rounding(d: int, d_ff: int) -> None:
     # Realistic magnitudes: weights ~0.05, edits ~1e-3 of rank 2. W + delta is rounded to float32,
     # so the difference the cache sees is the edit plus full-rank rounding noise.
     g = torch.Generator().manual_seed(11)
-    d, d_ff, vocab = 48, 128, 300
+    vocab = 300
     weight = torch.randn(d, d_ff, generator=g) * 0.05
     norm_weight, unembed = torch.rand(d, generator=g) + 0.5, torch.randn(vocab, d, generator=g)
     cache = LensProductCache(refresh_every=1000)

@@ -143,7 +143,14 @@ class LensProductCache:
             if not bool(change.any()):
                 return entry["A"]
             if entry["updates"] < self.refresh_every:
-                u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+                # Thin SVD from the eigen-decomposition of the small Gram matrix (d x d, in
+                # float64, whose eigenvalues s^2 resolve singular values far below the noise
+                # level below); a full SVD of the d x d_ff change costs several times more.
+                change = change.double()
+                if change.shape[0] > change.shape[1]:
+                    change = change.t()
+                eigvals, eigvecs = torch.linalg.eigh(change @ change.t())
+                s = eigvals.clamp(min=0).sqrt()
                 # The float32 weight rounds every entry after an edit, so the change also holds
                 # noise of up to eps/2 per entry (spectral norm <= eps/2 ||W||_F) at full rank.
                 # Components below that are dropped: they move A no more than A's own rounding.
@@ -151,8 +158,12 @@ class LensProductCache:
                 keep = s > noise
                 rank = int(keep.sum())
                 if rank <= self.max_rank_fraction * min(change.shape):
-                    right = unembed_g @ (u[:, keep] * s[keep]).float()  # [V, r]
-                    entry["A"].addmm_(vh[keep].t().float(), right.t())
+                    u, s = eigvecs[:, keep], s[keep]
+                    vh = (u.t() @ change) / s[:, None]  # [r, longer side]
+                    if change.shape[0] != weight.shape[0]:  # transposed above: u is on the d_ff side
+                        u, vh = vh.t(), u.t()
+                    right = unembed_g @ (u * s).float()  # [V, r]
+                    entry["A"].addmm_(vh.t().float(), right.t())
                     entry["weight"] = weight.clone()
                     entry["updates"] += 1
                     self.low_rank_updates += 1
