@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nmke_lightning.editing import values
+from nmke_lightning.editing.keys import read_attribution_inputs
 from nmke_lightning.editing.tokens import encode
 from nmke_lightning.editing.values import (
     _record_output,
@@ -14,6 +15,7 @@ from nmke_lightning.editing.values import (
     _run_windows,
     compute_values,
     generate_context_templates,
+    prompt_batch,
     window_groups,
 )
 from nmke_lightning.editing.requests import EditRequest
@@ -156,6 +158,24 @@ def test_prefix_cache_gives_the_full_sequence_values(tiny, monkeypatch):
     full_len = shapes[False][0][1]
     assert all(t == full_len for _, t in shapes[False])
     assert all(t < full_len for _, t in shapes[True][1:])
+
+
+def test_set_up_forward_records_the_attribution_inputs(tiny):
+    """The prompts with the target appended give the attribution inputs of the bare prompts."""
+    templates = generate_context_templates(tiny.model, tiny.tokenizer, per_start=1, length=5, seed=3)
+    layers = [1, 2]
+    result = compute_values(tiny.model, tiny.spec, tiny.tokenizer, REQUESTS, templates,
+                            **dict(KWARGS, num_steps=2), attribution_layers=layers)
+    want = read_attribution_inputs(tiny.model, tiny.spec, prompt_batch(tiny.tokenizer, REQUESTS, templates), layers)
+    got = result.attribution
+    assert torch.equal(got.targets, want.targets)
+    torch.testing.assert_close(got.final_scale, want.final_scale, atol=1e-5, rtol=1e-5)
+    for l in layers:
+        torch.testing.assert_close(got.resid[l], want.resid[l], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.keys[l], want.keys[l], atol=1e-5, rtol=1e-5)
+    full = compute_values(tiny.model, tiny.spec, tiny.tokenizer, REQUESTS, templates, **dict(KWARGS, num_steps=2),
+                          attribution_layers=layers, prefix_cache=False)
+    assert full.attribution is None  # no whole-stack set-up forward to read them from
 
 
 def test_a_binding_sliding_window_takes_the_full_sequence_path():

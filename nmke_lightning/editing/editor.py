@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import ArchSpec, arch_for, get_module
 from .attribution import LensProductCache, attribution_scores
-from .keys import read_attribution_inputs, read_keys
+from .keys import AttributionInputs, read_attribution_inputs, read_keys
 from .masks import MaskConfig, NeuronMask, neuron_mask
 from .requests import EditRequest
 from .solve import (
@@ -262,16 +262,18 @@ def compute_masks(
     spec: ArchSpec | None = None,
     gather: Gather | None = None,
     lens_cache: LensProductCache | None = None,
+    inputs: AttributionInputs | None = None,
 ) -> dict[int, NeuronMask]:
     """NMKE neuron masks of every edited layer on the model as it is now.
 
     `lens_cache` keeps each layer's ``W_U diag(g) W_l`` between calls (see `LensProductCache`).
+    `inputs`, if given, are the attribution inputs of `requests` already read off a forward of
+    this model (`compute_values` records them); otherwise they are read here.
     """
     spec = spec or arch_for(model)
     gather = gather or _no_gather
     device = next(model.parameters()).device
-    inputs = None
-    if requests:  # a process may have no share of a small step, but still takes part in the gather
+    if requests and inputs is None:  # a process may have no share of a small step, but still takes part in the gather
         batch = prompt_batch(tokenizer, requests, templates)
         inputs = read_attribution_inputs(model, spec, batch, config.layers, config.attribution_position)
     final_norm = get_module(model, spec.final_norm)
@@ -327,20 +329,27 @@ def edit_step(
     templates = state.templates
     t = clock.add("templates", t)
 
-    if config.method == "nmke" and masks is None:
-        if state.lens_cache is None and config.lens_cache_bytes > 0:
-            state.lens_cache = LensProductCache(config.lens_cache_bytes)
-        masks = compute_masks(model, tokenizer, requests, config, templates, spec, gather, state.lens_cache)
-    t = clock.add("attribution", t)
-
+    attribute = config.method == "nmke" and masks is None
+    # z first: its set-up forward runs every prompt through the whole model anyway, so it also
+    # records the attribution inputs (at the last real token only; the authors' padded read
+    # position needs its own forward). Neither changes the weights, so the order is free.
+    shared = attribute and config.attribution_position == "last_real"
     values = compute_values(
         model, spec, tokenizer, requests, templates, config.layers[-1], lr=config.v_lr,
         num_steps=config.v_num_grad_steps, clamp_norm_factor=config.clamp_norm_factor,
         kl_factor=config.kl_factor, weight_decay=config.v_weight_decay, stop_loss=config.v_loss_stop,
+        attribution_layers=config.layers if shared else None,
     ) if requests else None
     d = spec.read_weight(model, config.layers[-1]).shape[0]
     z = gather(values.z if values is not None else torch.zeros(0, d, device=device))  # [n, d]
     t = clock.add("z", t)
+
+    if attribute:
+        if state.lens_cache is None and config.lens_cache_bytes > 0:
+            state.lens_cache = LensProductCache(config.lens_cache_bytes)
+        inputs = values.attribution if values is not None else None
+        masks = compute_masks(model, tokenizer, requests, config, templates, spec, gather, state.lens_cache, inputs)
+    t = clock.add("attribution", t)
 
     batch = prompt_batch(tokenizer, requests, templates) if requests else None
     n_t = len(templates)

@@ -65,13 +65,47 @@ class AttributionInputs:
     targets: torch.Tensor  # [P] current top-1 next token
 
 
+def attribution_trace_names(spec: ArchSpec, layers) -> list[str]:
+    """Modules whose inputs a forward must record for `attribution_inputs_from_trace`."""
+    layers = sorted(layers)
+    return [*(spec.residual_in.format(l) for l in layers), *(spec.down_proj.format(l) for l in layers),
+            spec.final_norm]
+
+
+@torch.no_grad()
+def attribution_inputs_from_trace(
+    model: nn.Module, spec: ArchSpec, rec, layers, rows: torch.Tensor, pos: torch.Tensor
+) -> AttributionInputs:
+    """The attribution inputs of rows `rows` at positions `pos`, from a forward that recorded
+    `attribution_trace_names`. The prediction there comes from the final norm and the LM head
+    applied to the recorded final-norm input, only at those positions."""
+    final_in = rec.inputs[spec.final_norm][rows, pos]  # [P, d]
+    norm = get_module(model, spec.final_norm)
+    targets = get_module(model, spec.unembed)(norm(final_in)).argmax(-1)
+    final = final_in.float()
+    eps = norm_epsilon(norm)
+    if spec.norm_kind == "rms":
+        scale = (final.square().mean(-1) + eps).sqrt()
+    elif spec.norm_kind == "layer":
+        scale = (final.var(-1, unbiased=False) + eps).sqrt()
+    else:
+        raise ValueError(f"unknown norm kind {spec.norm_kind!r} in the architecture table")
+    layers = sorted(layers)
+    return AttributionInputs(
+        resid={l: rec.inputs[spec.residual_in.format(l)][rows, pos].float() for l in layers},
+        keys={l: rec.inputs[spec.down_proj.format(l)][rows, pos].float() for l in layers},
+        final_scale=scale,
+        targets=targets,
+    )
+
+
 @torch.no_grad()
 def read_attribution_inputs(
     model: nn.Module, spec: ArchSpec, batch: PromptBatch, layers, position: str = "last_real"
 ) -> AttributionInputs:
-    """One full forward over the prompts (no target appended), read at the last real token
-    (``position="last_real"``) or at index -1 of the right-padded batch (``"padded_last"``,
-    the authors' code: a pad token for all but the longest prompt).
+    """One forward of the decoder stack over the prompts (no target appended), read at the last
+    real token (``position="last_real"``) or at index -1 of the right-padded batch
+    (``"padded_last"``, the authors' code: a pad token for all but the longest prompt).
     """
     if position not in ("last_real", "padded_last"):
         raise ValueError(f"attribution_position must be 'last_real' or 'padded_last', got {position!r}")
@@ -79,24 +113,6 @@ def read_attribution_inputs(
     batch = batch.to(device)
     rows = torch.arange(batch.input_ids.shape[0], device=device)
     pos = batch.last if position == "last_real" else torch.full_like(batch.last, batch.input_ids.shape[1] - 1)
-    layers = tuple(sorted(layers))
-    resid_names = {l: spec.residual_in.format(l) for l in layers}
-    key_names = {l: spec.down_proj.format(l) for l in layers}
-    with trace(model, inputs=[*resid_names.values(), *key_names.values(), spec.final_norm]) as rec:
-        hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state
-    # The LM head only where the attribution reads (a [P, V] block, not [P, T, V]).
-    logits = get_module(model, spec.unembed)(hidden[rows, pos])
-    final = rec.inputs[spec.final_norm][rows, pos].float()  # [P, d]
-    eps = norm_epsilon(get_module(model, spec.final_norm))
-    if spec.norm_kind == "rms":
-        scale = (final.square().mean(-1) + eps).sqrt()
-    elif spec.norm_kind == "layer":
-        scale = (final.var(-1, unbiased=False) + eps).sqrt()
-    else:
-        raise ValueError(f"unknown norm kind {spec.norm_kind!r} in the architecture table")
-    return AttributionInputs(
-        resid={l: rec.inputs[n][rows, pos].float() for l, n in resid_names.items()},
-        keys={l: rec.inputs[n][rows, pos].float() for l, n in key_names.items()},
-        final_scale=scale,
-        targets=logits.argmax(-1),
-    )
+    with trace(model, inputs=attribution_trace_names(spec, layers)) as rec:
+        model.base_model(**batch.model_inputs(), use_cache=False)
+    return attribution_inputs_from_trace(model, spec, rec, layers, rows, pos)

@@ -12,7 +12,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from .arch import ArchSpec, get_module
-from .hooks import StopForward, first_output
+from .hooks import StopForward, first_output, trace
+from .keys import AttributionInputs, attribution_inputs_from_trace, attribution_trace_names
 from .requests import EditRequest
 from .tokens import PromptBatch, encode, target_ids
 
@@ -250,6 +251,7 @@ class ValueResult:
     nll: torch.Tensor  # [n] final target NLL per request (mean over templates)
     steps: torch.Tensor  # [n] long: Adam steps taken per request
     history: torch.Tensor  # [n_evals, n] total loss at every evaluation (nan once a request stopped)
+    attribution: AttributionInputs | None = None  # read off the set-up forward when asked for
 
 
 def compute_values(
@@ -266,6 +268,7 @@ def compute_values(
     weight_decay: float = 0.5,
     stop_loss: float = 5e-2,
     prefix_cache: bool = True,
+    attribution_layers: list[int] | None = None,
 ) -> ValueResult:
     """Optimise one additive vector per request at `layer`'s output, all requests in one batch.
 
@@ -285,6 +288,13 @@ def compute_values(
     runs the full padded prompts instead; so does a model whose sliding attention window could
     cut into the prompts (the cache's slots are not at their positions' distances). Both give
     the same result up to float rounding.
+
+    With `attribution_layers`, the set-up forward (which runs the whole stack over every
+    template of every request when the prefix cache is used) also records the NMKE attribution
+    inputs of those layers at each prompt's last token, before the target: the same numbers as
+    `read_attribution_inputs` on `prompt_batch` (causal attention: the appended target changes
+    nothing before it), without a forward of its own. They are in ``result.attribution`` (None
+    when the full-sequence path runs).
     """
     device = next(model.parameters()).device
     n, n_t = len(requests), len(templates)
@@ -332,7 +342,14 @@ def compute_values(
     d = spec.read_weight(model, layer).shape[0]
     delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
     unembed = get_module(model, spec.unembed)
-    prefix, cache = _record_output(model, f"{spec.layers}.{layer}", batch.model_inputs(), cache=prefix_cache)
+    names = attribution_trace_names(spec, attribution_layers) if attribution_layers and prefix_cache else []
+    with trace(model, inputs=names) as rec:
+        prefix, cache = _record_output(model, f"{spec.layers}.{layer}", batch.model_inputs(), cache=prefix_cache)
+    attribution = None
+    if names:  # the rewriting rows are prompt_batch's rows, in its order, with the target appended
+        attribution = attribution_inputs_from_trace(model, spec, rec, attribution_layers,
+                                                    torch.arange(n_rw, device=device), prompt_lens - 1)
+    del rec
     prefix_kv = [(keys, values) for keys, values, *_ in cache] if prefix_cache else None
     bare_rows = torch.arange(n, device=device) * n_t  # template 0 is "{}": the bare prompt
     h_init = first_output(prefix)[bare_rows, batch.lookup[bare_rows]].detach().float()  # [n, d]
@@ -390,4 +407,4 @@ def compute_values(
             delta.copy_(torch.where(a, new, delta))
             steps += active.long()
     z = (h_init + delta.detach()).float()
-    return ValueResult(z, h_init, final_loss, final_nll, steps, torch.stack(history))
+    return ValueResult(z, h_init, final_loss, final_nll, steps, torch.stack(history), attribution)
