@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -217,27 +218,19 @@ def window_groups(width: torch.Tensor, overhead: float = GROUP_OVERHEAD_TOKENS) 
 
 
 def _run_window_groups(
-    model: nn.Module,
-    spec: ArchSpec,
-    layer: int,
-    batch: PromptBatch,
-    prefix,
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    rows: torch.Tensor,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    shift: torch.Tensor,
+    run: Callable[..., torch.Tensor], rows: torch.Tensor, start: torch.Tensor, end: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
-    """`_run_windows` over groups of rows of similar window width (`window_groups`), so that
-    short windows (a KL row's single token) are not padded to the longest; the result is the
-    same ``[len(rows), S, d]`` (positions past a row's window hold padding, as there)."""
+    """``run(rows, start, end, shift)`` (`_run_windows` with its model, batch and prefix bound) over
+    groups of rows of similar window width (`window_groups`), so that short windows (a KL row's
+    single token) are not padded to the longest; the result is the same ``[len(rows), S, d]``
+    (positions past a row's window hold padding, as there)."""
     groups = window_groups(end - start, GROUP_OVERHEAD_TOKENS)
     if len(groups) == 1:
-        return _run_windows(model, spec, layer, batch, prefix, prefix_kv, rows, start, end, shift)
+        return run(rows, start, end, shift)
     width = int((end - start).max())
     parts = []
     for g in groups:
-        part = _run_windows(model, spec, layer, batch, prefix, prefix_kv, rows[g], start[g], end[g], shift[g])
+        part = run(rows[g], start[g], end[g], shift[g])
         parts.append(torch.nn.functional.pad(part, (0, 0, 0, width - part.shape[1])))
     order = torch.cat(groups)
     return torch.cat(parts)[torch.argsort(order)]
@@ -354,6 +347,7 @@ def compute_values(
     bare_rows = torch.arange(n, device=device) * n_t  # template 0 is "{}": the bare prompt
     h_init = first_output(prefix)[bare_rows, batch.lookup[bare_rows]].detach().float()  # [n, d]
 
+    run = functools.partial(_run_windows, model, spec, layer, batch, prefix, prefix_kv)
     m = torch.zeros_like(delta)
     v = torch.zeros_like(delta)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -369,8 +363,7 @@ def compute_values(
         live = active.nonzero().squeeze(1)
         rw_rows = (live[:, None] * n_t + torch.arange(n_t, device=device)).flatten()
         rows = torch.cat([rw_rows, n_rw + live])
-        hidden = _run_window_groups(model, spec, layer, batch, prefix, prefix_kv, rows, start[rows], end[rows],
-                                    delta[row_req[rows]])
+        hidden = _run_window_groups(run, rows, start[rows], end[rows], delta[row_req[rows]])
         n_live_rw = len(rw_rows)
         read = (pred_pos[rw_rows] - start[rw_rows, None]).clamp(max=hidden.shape[1] - 1)
         tgt_hidden = hidden[:n_live_rw].gather(1, read.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
