@@ -5,8 +5,8 @@
 Requests are the first records of the shipped CounterFact sample; the templates come from
 `generate_context_templates` with its defaults. Every forward of the decoder stack during the
 call is counted as rows x padded length: the no-grad set-up forward(s), then the forwards of the
-loss evaluations (one per group of similar window width). `--full-sequence` passes ``prefix_cache=False`` (every evaluation over the full
-padded prompts).
+loss evaluations (one per group of similar window width). `--full-sequence` passes
+``prefix_cache=False`` (every evaluation over the full padded prompts).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main() -> None:
     print(f"compute_values: {seconds:.2f} s, {evals} loss evaluations, steps per request {result.steps.tolist()}")
     print("set-up forwards (rows x length): " + ", ".join(f"{b}x{t}" for b, t in setup))
     print("evaluation forwards (rows x length): " + ", ".join(f"{b}x{t}" for b, t in loop))
-    print(f"evaluation forwards: {len(loop)}, padded tokens per evaluation: mean {sum(b * t for b, t in loop) / evals:.0f}")
+    per_eval = sum(b * t for b, t in loop) / evals
+    print(f"evaluation forwards: {len(loop)}, padded tokens per evaluation: mean {per_eval:.0f}")
     print(f"final loss {result.loss.tolist()}")
 
 
