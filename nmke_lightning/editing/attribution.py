@@ -253,7 +253,7 @@ def _series_then_exact_lse(
 ) -> torch.Tensor:
     """``logsumexp(base[p] + c[p, j] * rows[j])`` for a neuron chunk ``[P, c]``: the moment series
     where ``rho_pj <= radius[-1]`` (module docstring), the exact log-sum-exp elsewhere. `radius`
-    holds the radius of 1..K terms, increasing."""
+    holds the radius of 1..K terms, increasing; `w` may have zero rows after the P prompts."""
     terms, vocab = factorials.shape[0], base.shape[1]
     hi, lo = rows.amax(dim=1), rows.amin(dim=1)
     mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
@@ -274,8 +274,9 @@ def _series_then_exact_lse(
         torch.sub(rows[order], mid[order, None], out=power[0])
         for k in range(1, terms):
             torch.mul(power[k - 1][: n_rows[k]], power[0][: n_rows[k]], out=power[k])
-        packed_moments = packed @ w.t()  # [sum n_rows, P]
-        moments = torch.zeros(terms, rows.shape[0], w.shape[0], device=rows.device)  # [K, c, P]
+        n_prompts = c.shape[0]
+        packed_moments = (packed @ w.t())[:, :n_prompts]  # [sum n_rows, P]
+        moments = torch.zeros(terms, rows.shape[0], n_prompts, device=rows.device)  # [K, c, P]
         for k in range(terms):
             moments[k, : n_rows[k]] = packed_moments[offsets[k] : offsets[k + 1]]
         moments = moments[:, order.argsort()].transpose(1, 2)  # [K, P, c] in the chunk's order
@@ -387,6 +388,10 @@ def attribution_scores(
         finite_rows = torch.isfinite(base_lse)  # [P, 1]: only these have a usable softmax w_p
         w = torch.where(finite_rows, (base - base_lse).exp(), 0.0)  # [P, V]
         w_mass = w.sum(dim=1, keepdim=True)  # [P, 1]: the 0th moment (1 up to rounding)
+        # Zero rows up to a multiple of 16 prompts: the moment product's narrow side is then
+        # a whole number of the GEMM kernel's tiles (on 2 CPU cores, 64 columns took 27 ms
+        # where 60 took 31 ms).
+        w = torch.cat([w, w.new_zeros(-n_prompts % 16, vocab)])  # [P rounded up, V]
     factorials = torch.tensor([math.factorial(k) for k in range(1, terms + 1)], **f32)[:, None, None]
 
     weight_t = weight.t()  # [d_ff, d]: row j = neuron j's value vector
