@@ -137,7 +137,10 @@ class LensProductCache:
         f32 = dict(device=weight.device, dtype=torch.float32)
         stamps = (self._stamp(norm_weight), self._stamp(unembed))
         weight = weight.detach().to(**f32)
-        unembed_g = unembed.detach().to(**f32) * norm_weight.detach().to(**f32)  # [V, d]
+
+        def scaled_unembed() -> torch.Tensor:  # [V, d]; only when A changes, not for a cache hit
+            return unembed.detach().to(**f32) * norm_weight.detach().to(**f32)
+
         if entry is not None and entry["stamps"] == stamps and entry["A"].device == weight.device:
             change = weight - entry["weight"]
             if not bool(change.any()):
@@ -162,13 +165,14 @@ class LensProductCache:
                     vh = (u.t() @ change) / s[:, None]  # [r, longer side]
                     if change.shape[0] != weight.shape[0]:  # transposed above: u is on the d_ff side
                         u, vh = vh.t(), u.t()
-                    right = unembed_g @ (u * s).float()  # [V, r]
+                    right = scaled_unembed() @ (u * s).float()  # [V, r]
                     entry["A"].addmm_(vh.t().float(), right.t())
                     entry["weight"] = weight.clone()
                     entry["updates"] += 1
                     self.low_rank_updates += 1
                     return entry["A"]
-        self._entries[key] = {"A": weight.t() @ unembed_g.t(), "weight": weight.clone(), "stamps": stamps, "updates": 0}
+        self._entries[key] = {"A": weight.t() @ scaled_unembed().t(), "weight": weight.clone(), "stamps": stamps,
+                              "updates": 0}
         self.builds += 1
         return self._entries[key]["A"]
 
@@ -376,8 +380,8 @@ def attribution_scores(
     # amplified vector, so the amplified sub-value is scaled by the same fixed 1/sigma_p.
     coef = amplify * keys / sigma[:, None]  # [P, d_ff]
 
-    terms = series_terms if series_radius(series_terms, series_tol) > 0 else 0
-    radius = torch.tensor([series_radius(k, series_tol) for k in range(1, terms + 1)], **f32)
+    terms = series_terms
+    radius = torch.tensor([series_radius(k, series_tol) for k in range(1, terms + 1)], **f32)  # of 1..K terms
     # Without the series every pair is exact: dense [P, c, V] blocks in one reused buffer, kept
     # near cache size (each block is swept five times; from main memory that is the bottleneck).
     budget = max_block_bytes if terms else min(max_block_bytes, DENSE_BLOCK_BYTES)

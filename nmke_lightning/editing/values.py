@@ -201,7 +201,8 @@ def window_groups(width: torch.Tensor, overhead: float = GROUP_OVERHEAD_TOKENS) 
     An optimal partition only ever groups rows of consecutive widths, so a dynamic programme over
     the distinct widths (ascending) finds it: ``best[b] = min_a best[a] + overhead + w_b * n(a, b]``.
     """
-    values, counts = torch.unique(width.cpu(), sorted=True, return_counts=True)
+    w = width.cpu()
+    values, counts = torch.unique(w, sorted=True, return_counts=True)
     widths, below = values.tolist(), [0, *torch.cumsum(counts, 0).tolist()]
     best, cut = [0.0] + [math.inf] * len(widths), [0] * (len(widths) + 1)
     for b in range(1, len(widths) + 1):
@@ -213,7 +214,6 @@ def window_groups(width: torch.Tensor, overhead: float = GROUP_OVERHEAD_TOKENS) 
     while b > 0:
         bounds.append((widths[cut[b]], widths[b - 1]))
         b = cut[b]
-    w = width.cpu()
     return [((w >= lo) & (w <= hi)).nonzero().squeeze(1).to(width.device) for lo, hi in reversed(bounds)]
 
 
