@@ -221,7 +221,7 @@ def update_capability(
     rank, world = shard
     prompts = fluency_prompts[: config.fluency_n][rank::world]
     if prompts:
-        metrics["fluency"].update(generate_greedy(model, tokenizer, prompts, config.fluency_tokens))
+        metrics["fluency"].update(generate_greedy(model, tokenizer, prompts, config.fluency_tokens, config.batch_size))
     if config.heldout_tokens:
         text = read_text_file(config.heldout_text, "model.evaluation.heldout_text")
         stats = perplexity_stats(model, tokenizer, text, max_tokens=config.heldout_tokens)

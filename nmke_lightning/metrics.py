@@ -22,6 +22,7 @@ values, from their sum and sum of squares); with fewer than 2 items the interval
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
@@ -32,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torchmetrics import Metric
 
-from nmke_lightning.editing.tokens import encode, pad_right, target_ids
+from nmke_lightning.editing.tokens import pad_right, target_ids
 
 __all__ = [
     "FactRetention",
@@ -101,43 +102,57 @@ def teacher_forced(
 
     The prompt is tokenised with the tokenizer's special tokens and the target without, appended
     to the prompt's ids; give targets already spaced (see `continuation`). Rows are right-padded,
-    so each row sees the positions it would see alone.
+    so each row sees the positions it would see alone. Rows are batched in order of length (less
+    padding) and the LM head runs only at the positions that predict a target token, when the
+    model takes ``logits_to_keep``; the scores come back in the order of `prompts`.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"teacher_forced got {len(prompts)} prompts but {len(targets)} targets")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
     device = _device(model)
-    scores: list[TargetScore] = []
-    for begin in range(0, len(prompts), batch_size):
-        chunk_prompts = list(prompts[begin : begin + batch_size])
-        suffixes = [target_ids(tokenizer, t) for t in targets[begin : begin + batch_size]]
-        batch = encode(tokenizer, chunk_prompts, suffix_ids=suffixes).to(device)
-        n_target = torch.tensor([len(s) for s in suffixes], device=device)  # [B]
-        end = batch.last + 1  # [B] one past the last target token
-        start = end - n_target  # [B] first target token
-        if bool((start < 1).any()):
-            bad = chunk_prompts[int((start < 1).nonzero()[0])]
-            raise ValueError(f"prompt {bad!r} tokenises to nothing: the target has no context")
-        logits = model(**batch.model_inputs(), use_cache=False).logits  # [B, T, V]
-        # Position p predicts token p + 1: keep the positions whose next token is a target token.
-        nxt = torch.arange(1, batch.input_ids.shape[1], device=device)  # [T-1]
-        is_target = (nxt[None] >= start[:, None]) & (nxt[None] < end[:, None])  # [B, T-1]
-        chosen = logits[:, :-1][is_target].float()  # [N, V], N = sum of target lengths, row-major
-        labels = batch.input_ids[:, 1:][is_target]  # [N]
-        log_probs = chosen.log_softmax(-1)
-        token_nll = -log_probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    rows, n_target = [], []
+    for prompt, ids, target in zip(prompts, prompt_ids, targets):
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} tokenises to nothing: the target has no context")
+        suffix = target_ids(tokenizer, target)
+        rows.append(list(ids) + suffix)
+        n_target.append(len(suffix))
+    keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), n_target[i]))
+    scores: list[TargetScore | None] = [None] * len(rows)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        input_ids, attention_mask = pad_right([rows[i] for i in chunk], pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        end = attention_mask.sum(1)  # [B] one past the last target token
+        start = end - torch.tensor([n_target[i] for i in chunk], device=device)  # [B] first target token
+        # Position p predicts token p + 1: the positions [first, last) predict every target token.
+        first, last = int(start.min()) - 1, int(end.max()) - 1
+        kwargs = {"logits_to_keep": torch.arange(first, last, device=device)} if keep_logits else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        if not keep_logits:
+            logits = logits[:, first:last]
+        nxt = torch.arange(first + 1, last + 1, device=device)  # [K] the token each kept position predicts
+        is_target = (nxt[None] >= start[:, None]) & (nxt[None] < end[:, None])  # [B, K]
+        chosen = logits[is_target].float()  # [N, V], N = sum of target lengths, row-major
+        labels = input_ids[:, first + 1 : last + 1][is_target]  # [N]
+        token_nll = -chosen.log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)  # [N]
         predicted = chosen.argmax(-1)  # [N]
-        counts = n_target.tolist()
-        for nll, pred, label in zip(
-            token_nll.cpu().split(counts), predicted.cpu().split(counts), labels.cpu().split(counts)
+        counts = [n_target[i] for i in chunk]
+        for i, nll, pred, label in zip(
+            chunk, token_nll.cpu().split(counts), predicted.cpu().split(counts), labels.cpu().split(counts)
         ):
-            scores.append(TargetScore(
+            scores[i] = TargetScore(
                 nll=float(nll.double().mean()),
                 token_hits=(pred == label).long(),
                 predicted=pred.long(),
                 target_ids=label.long(),
-            ))
+            )
     return scores
 
 
@@ -158,30 +173,46 @@ def _greedy_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int |
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100) -> list[str]:
-    """Greedy continuation of each prompt (one at a time), decoded without special tokens and
-    without the prompt; stops at the tokenizer's eos token. 100 new tokens is ROME's fluency
-    setting (its generations are longer in total; shorter texts give lower n-gram entropies)."""
+def generate_greedy(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 32
+) -> list[str]:
+    """Greedy continuation of each prompt, decoded without special tokens and without the prompt;
+    stops at the tokenizer's eos token. 100 new tokens is ROME's fluency setting (its generations
+    are longer in total; shorter texts give lower n-gram entropies).
+
+    Models with ``generate`` decode `batch_size` prompts at a time, left-padded (the pads are
+    masked and the positions start at each prompt's first token, so a row continues as it would
+    alone); others run `_greedy_ids` prompt by prompt.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     device = _device(model)
-    texts = []
+    rows = []
     for prompt in prompts:
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not prompt_ids:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
             raise ValueError(f"prompt {prompt!r} tokenises to nothing")
-        if hasattr(model, "generate"):
-            ids = torch.tensor([prompt_ids], device=device)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-            )
-            new = out[0, len(prompt_ids) :].tolist()
+        rows.append(list(ids))
+    if not hasattr(model, "generate"):
+        return [tokenizer.decode(_greedy_ids(model, ids, max_new_tokens, eos_id), skip_special_tokens=True)
+                for ids in rows]
+    texts = []
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin : begin + batch_size]
+        width = max(len(ids) for ids in chunk)
+        fill = pad_id if pad_id is not None else 0
+        input_ids = torch.tensor([[fill] * (width - len(ids)) + ids for ids in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+        for new in out[:, width:].tolist():
             if eos_id is not None and eos_id in new:
                 new = new[: new.index(eos_id)]
-        else:
-            new = _greedy_ids(model, prompt_ids, max_new_tokens, eos_id)
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+            texts.append(tokenizer.decode(new, skip_special_tokens=True))
     return texts
 
 

@@ -135,12 +135,30 @@ def test_teacher_forced_rejects_mismatch(tok):
         teacher_forced(TableLM(), tok, ["a"], [" b", " c"])
 
 
-def test_teacher_forced_batched_equals_one_by_one(tiny):
-    """On a real (random) transformer, right-padded batches score like unpadded single rows."""
-    model, t = tiny.model, tiny.tokenizer
-    prompts = ["The city of", "In 1990 the river", "A"]
-    targets = [" London", " was named after the", " b"]
-    scores = teacher_forced(model, t, prompts, targets, batch_size=2)
+class _NoGenerate(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kw):
+        return self.inner(*args, **kw)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-gpt-neox"])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_teacher_forced_batched_equals_one_by_one(name, batch_size, keep_logits):
+    """On a real (random) transformer, length-sorted right-padded batches (with the LM head at the
+    target positions only, or on every position for a model without ``logits_to_keep``) score
+    like unpadded single rows, returned in the order given."""
+    from nmke_lightning.models import load_model
+
+    lm = load_model(name)
+    model, t = lm.model, lm.tokenizer
+    prompts = ["The city of", "In 1990 the river that runs through", "A", "The city of", "Its name is"]
+    targets = [" London", " was named after the", " b", " Paris and the old", " X"]
+    scored = model if keep_logits else _NoGenerate(model)
+    scores = teacher_forced(scored, t, prompts, targets, batch_size=batch_size)
     for prompt, target, score in zip(prompts, targets, scores):
         p_ids = t(prompt)["input_ids"]
         t_ids = t(target, add_special_tokens=False)["input_ids"]
@@ -159,21 +177,20 @@ def test_generate_greedy_by_hand(tok):
     assert generate_greedy(TableLM(), tok, ["a", "d"], max_new_tokens=3) == ["b c", "d d d"]
 
 
-class _NoGenerate(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-gpt-neox"])
+def test_generate_greedy_batches_left_padded_prompts_like_the_plain_loop(name):
+    from nmke_lightning.models import load_model
 
-    def forward(self, *args, **kw):
-        return self.inner(*args, **kw)
-
-
-def test_generate_greedy_uses_generate_like_the_plain_loop(tiny):
-    prompts = ["The city of", "In 1990"]
-    with_generate = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=8)
-    plain = generate_greedy(_NoGenerate(tiny.model), tiny.tokenizer, prompts, max_new_tokens=8)
-    assert with_generate == plain
+    lm = load_model(name)
+    # Prompts of different lengths, so the batched rows are left-padded; 3 prompts in batches of 2.
+    prompts = ["The city of", "In 1990 the river that runs through the old town was", "A"]
+    plain = generate_greedy(_NoGenerate(lm.model), lm.tokenizer, prompts, max_new_tokens=8)
+    assert len({len(lm.tokenizer(p)["input_ids"]) for p in prompts}) == 3
     assert all(text for text in plain)
+    for batch_size in (1, 2, 3):
+        assert generate_greedy(lm.model, lm.tokenizer, prompts, max_new_tokens=8, batch_size=batch_size) == plain
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_greedy(lm.model, lm.tokenizer, prompts, batch_size=0)
 
 
 def test_perplexity_stats_by_hand(tok):
