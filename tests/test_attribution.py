@@ -11,6 +11,8 @@ from nmke_lightning.editing.attribution import (
     LensProductCache,
     attribution_scores,
     auto_neuron_chunk,
+    series_plan,
+    series_radii,
     series_radius,
 )
 
@@ -185,17 +187,37 @@ def test_series_matches_plain_loop_in_both_regimes(terms: int, chunk: int | None
 
 @pytest.mark.parametrize("tol", [1e-6, 1e-3])
 def test_neurons_of_different_radii_take_their_own_terms_within_the_tolerance(tol: float) -> None:
-    # Neuron values from 1e-4 to 1 times a base scale: in one chunk, some neurons need one
-    # term, some all of them, some pairs none (exact path).
+    # Neuron values from 1e-4 to 3 times a base scale: in one chunk, some neurons take one
+    # term, some most of them, some pairs none (exact path).
     inputs = random_inputs(seed=11, bias=False, weight_scale=0.03)
-    inputs["weight"] *= torch.logspace(-4, 0, D_FF)
+    inputs["weight"] *= torch.logspace(-4, 0.5, D_FF)
     rho = lens_radius(inputs)
-    largest = [r for r in rho.amax(0) if r <= series_radius(10, tol)]  # per neuron, of its series pairs
-    need = [min(k for k in range(1, 11) if series_radius(k, tol) >= r) for r in largest]
-    assert min(need) == 1 and max(need) >= 6 and (rho > series_radius(10, tol)).any()
+    need, use_series = series_plan(rho.float(), torch.tensor(series_radii(10, tol)), torch.ones(P, 1, dtype=torch.bool))
+    assert need.min() <= 1 and need.max() >= 6 and (~use_series).any() and use_series.float().mean() > 0.5
     got = attribution_scores(**inputs, series_terms=10, series_tol=tol)
     want = reference_scores(**inputs)
     torch.testing.assert_close(got.double(), want, atol=tol + 1e-5, rtol=0)
+
+
+def test_series_plan_takes_the_cheapest_number_of_terms() -> None:
+    g = torch.Generator().manual_seed(3)
+    rho = torch.rand(6, 40, generator=g) * 3  # [P, c]
+    rho[2, 5], rho[0, 7] = float("nan"), float("inf")
+    finite_rows = torch.tensor([True, True, True, False, True, True])[:, None]
+    radii = [0.1, 0.3, 0.6, 1.0, 1.5, 2.0]
+    for pair_terms in (0.5, 2.0, 10.0):
+        need, use_series = series_plan(rho, torch.tensor(radii), finite_rows, pair_terms)
+        for j in range(rho.shape[1]):
+            # Brute force: every k, counting by hand the pairs its radius leaves exact.
+            costs = []
+            for k in range(len(radii) + 1):
+                limit = radii[k - 1] if k else -1.0
+                covered = [bool(finite_rows[p, 0]) and math.isfinite(rho[p, j]) and float(rho[p, j]) <= limit
+                           for p in range(rho.shape[0])]
+                costs.append((k + pair_terms * covered.count(False), k, covered))
+            _, k, covered = min(costs, key=lambda x: (x[0], x[1]))
+            assert int(need[j]) == k
+            assert use_series[:, j].tolist() == covered
 
 
 def test_series_off_and_on_agree_on_saturation_and_non_finite_inputs() -> None:
@@ -210,13 +232,25 @@ def test_series_off_and_on_agree_on_saturation_and_non_finite_inputs() -> None:
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
+def bessel_i_by_integral(k: int, x: float, n: int = 4096) -> float:
+    """I_k(x) = (1/pi) * integral over [0, pi] of exp(x cos t) cos(k t) dt, by the trapezoid rule
+    (exponentially accurate for this periodic integrand)."""
+    t = torch.linspace(0, math.pi, n + 1, dtype=torch.float64)
+    f = torch.exp(x * torch.cos(t)) * torch.cos(k * t)
+    return float((f.sum() - (f[0] + f[-1]) / 2) * (math.pi / n) / math.pi)
+
+
 def test_series_radius_meets_its_bound() -> None:
+    # The truncation bound of the module docstring, from Bessel functions computed another way:
+    # r = 2 e^rho sum_{k > K} I_k(rho), bound = r / (1 - r), and the radius is where it reaches tol.
     assert series_radius(0, 1e-6) == -1.0
     for terms, tol in [(4, 1e-6), (10, 1e-6), (10, 1e-9), (16, 1e-3)]:
         rho = series_radius(terms, tol)
-        bound = rho ** (terms + 1) / math.factorial(terms + 1) * math.exp(2 * rho)
-        assert bound <= tol and bound > 0.99 * tol
+        r = 2 * math.exp(rho) * sum(bessel_i_by_integral(k, rho) for k in range(terms + 1, terms + 40))
+        bound = r / (1 - r)
+        assert bound <= tol * (1 + 1e-4) and bound > 0.99 * tol  # the integral is good to ~1e-6 relative here
     assert series_radius(12, 1e-6) > series_radius(10, 1e-6) > series_radius(8, 1e-6)
+    assert series_radii(3, 1e-6) == (series_radius(1, 1e-6), series_radius(2, 1e-6), series_radius(3, 1e-6))
 
 
 def test_precomputed_lens_product_gives_the_same_scores() -> None:
