@@ -8,7 +8,9 @@ Each combination is one `python -m nmke_lightning fit` session built from a conf
 `data.batch_size = edits per step`. A session that was interrupted resumes from its
 `last.ckpt`; a finished one (its result file exists) is skipped. Results: one
 `<out>/<run>.json` per session (its report.json), a markdown table `<out>/results.md` and
-`<out>/score_vs_T.png`. Arguments after `--` are passed to every session.
+`<out>/score_vs_T.png`. Sessions over the same cases (every method and edits-per-step of one T
+and dataset) compute the pre-edit baseline once: it is kept in `<runs>/baseline_cache`.
+Arguments after `--` are passed to every session.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def session_command(args, method: str, data: str, T: int, per_step: int) -> list
     cmd = [sys.executable, "-m", "nmke_lightning", "fit", "--config", config,
            "--model.editor.method", editor_method, *options, "--data.limit", str(T), "--data.batch_size", str(per_step),
            "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "ckpt"),
-           "--model.evaluation.every_n_steps", str(max(1, T // per_step // args.curve_points))]
+           "--model.evaluation.every_n_steps", str(max(1, T // per_step // args.curve_points)),
+           "--model.evaluation.baseline_cache", str(Path(args.runs) / "baseline_cache")]
     if (run_dir / "ckpt" / "last.ckpt").exists():
         cmd += ["--ckpt_path", str(run_dir / "ckpt" / "last.ckpt")]
     return cmd + list(args.extra)

@@ -15,11 +15,15 @@ CounterFact and zsRE samples have one of each per case, where this equals averag
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .data import EditCase, load_cases, read_text_file
@@ -60,6 +64,10 @@ class EvalConfig:
     """Tokens generated per fluency prompt."""
     batch_size: int = 16
     """Prompts per forward in evaluation."""
+    baseline_cache: str | None = None
+    """Folder where the pre-edit baseline is kept and reused by any later session with the same
+    model weights, cases and evaluation settings (see `baseline_key`); None computes it every
+    session. The lifelong runner shares one folder between its sessions."""
 
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "heldout_tokens", "retention_n", "fluency_n"):
@@ -230,6 +238,50 @@ def update_capability(
         mine = list(range(len(facts)))[rank::world]
         now = facts_known(model, tokenizer, [facts[i] for i in mine], config.batch_size)
         metrics["retention"].update(known_before[mine], now)
+
+
+BASELINE_CACHE_VERSION = 1
+"""Part of every baseline key: bump it when the evaluation code changes what it measures."""
+
+
+def baseline_key(model_fingerprint: str, device_type: str, cases: list[EditCase], config: EvalConfig) -> str:
+    """What the pre-edit baseline depends on, hashed: the base weights (their fingerprint), the
+    device type, every field of every case, the held-out text and facts it reads, and the
+    evaluation settings that change its numbers."""
+    h = hashlib.sha256()
+    settings = {name: getattr(config, name) for name in (
+        "heldout_text", "heldout_tokens", "retention_facts", "retention_n", "fluency_n", "fluency_tokens",
+        "batch_size")}
+    h.update(json.dumps({"version": BASELINE_CACHE_VERSION, "model": model_fingerprint, "device": device_type,
+                         "settings": settings}, sort_keys=True).encode())
+    for case in [*cases, *heldout_facts(config)]:
+        h.update(json.dumps(dataclasses.asdict(case), sort_keys=True, default=str).encode())
+    if config.heldout_tokens:
+        h.update(read_text_file(config.heldout_text, "model.evaluation.heldout_text").encode())
+    return h.hexdigest()[:24]
+
+
+def load_baseline(path: Path) -> dict | None:
+    """A saved baseline (`save_baseline`), or None if there is none or it cannot be read (a
+    damaged cache file is reported and then ignored: the baseline is computed again)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not {"unedited_locality", "facts_known_before", "baseline"} <= set(saved):
+            raise ValueError(f"missing keys, has {sorted(saved)}")
+        return saved
+    except Exception as err:  # noqa: BLE001 - a cache must never stop a session
+        rank_zero_warn(f"evaluation: ignoring the unreadable baseline cache {path} ({err}); computing it again")
+        return None
+
+
+def save_baseline(path: Path, saved: dict) -> None:
+    """Write atomically: a concurrent session reads the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -30,11 +30,14 @@ from .evaluation import (
     report_table,
     write_json,
     EvalConfig,
+    baseline_key,
     capability_metrics,
     case_metrics,
     facts_known,
     heldout_facts,
+    load_baseline,
     locality_predictions,
+    save_baseline,
     summarise_metrics,
     update_capability,
     update_case_metrics,
@@ -363,6 +366,21 @@ class EditModule(LightningModule):
             return
         cfg = self.eval_config
         cases = self.trainer.datamodule.cases
+        path = None
+        if cfg.baseline_cache:
+            key = baseline_key(self.fingerprint, self.device.type, cases, cfg)
+            path = Path(cfg.baseline_cache).expanduser() / f"baseline-{key}.pt"
+        # Rank 0 decides for all ranks: they either all load or all compute (collectively).
+        saved = load_baseline(path) if path is not None and self.trainer.is_global_zero else None
+        saved = self.trainer.strategy.broadcast(saved, src=0)
+        if saved is not None:
+            rank_zero_info(f"evaluation: pre-edit baseline on {len(cases)} cases from {path}")
+            self.unedited_locality = {int(k): v for k, v in saved["unedited_locality"].items()}
+            self.facts_known_before = saved["facts_known_before"]
+            if self.facts_known_before is not None:
+                self.facts_known_before = self.facts_known_before.to(self.device)
+            self.baseline = saved["baseline"]
+            return
         rank_zero_info(f"evaluation: pre-edit baseline on {len(cases)} cases")
         self.unedited_locality = locality_predictions(self.lm.model, self.lm.tokenizer, cases, cfg.batch_size)
         facts = heldout_facts(cfg)
@@ -371,6 +389,10 @@ class EditModule(LightningModule):
         update_capability(capability, self.lm.model, self.lm.tokenizer, cfg, [c.prompt for c in cases], facts,
                           self.facts_known_before, self._shard())
         self.baseline = {**self._evaluate_sample(cases), **summarise_metrics(capability)}
+        if path is not None and self.trainer.is_global_zero:
+            known = self.facts_known_before
+            save_baseline(path, {"unedited_locality": self.unedited_locality, "baseline": self.baseline,
+                                 "facts_known_before": None if known is None else known.cpu()})
 
     def _periodic_evaluation(self) -> None:
         cfg = self.eval_config

@@ -1,5 +1,6 @@
 """The lifelong benchmark runner on the tiny model: one session per combination, resumable."""
 
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,10 @@ def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_p
         assert report["protocol"]["edits"] == 4 and report["protocol"]["edits_per_step"] == 2
         assert [p["edits"] for p in report["curve"]] == [2, 4]  # 2 steps, 2 curve points: every step
     assert {r["method"] for r in results.values()} == {"nmke", "memit"}
+    # Both sessions edit the same 4 cases: the second read the first one's pre-edit baseline.
+    assert len(list((tmp_path / "runs" / "baseline_cache").glob("baseline-*.pt"))) == 1
+    nmke, memit = results["nmke-counterfact-T4-b2"], results["memit-counterfact-T4-b2"]
+    assert json.dumps(nmke["baseline"]) == json.dumps(memit["baseline"])
     md = (tmp_path / "out" / "results.md").read_text()
     assert "nmke-counterfact-T4-b2" in md and "memit-counterfact-T4-b2" in md
     assert (tmp_path / "out" / "score_vs_T.png").read_bytes().startswith(b"\x89PNG")

@@ -156,6 +156,45 @@ def test_validate_and_predict_a_saved_session(tmp_path, capsys):
     assert answers[0][0]["prompt"] == "The capital of France is" and isinstance(answers[0][0]["completion"], str)
 
 
+def test_baseline_cache_is_reused_only_for_the_same_model_cases_and_settings(tmp_path, monkeypatch):
+    import nmke_lightning.module as module
+
+    cache = tmp_path / "baseline"
+    with_cache = ["--model.evaluation.baseline_cache", str(cache), "--data.limit", "4"]
+
+    def checkpoint(name):
+        return torch.load(tmp_path / name / "ckpt" / "last.ckpt", weights_only=False)["nmke"]["evaluation"]
+
+    main(tiny_args(tmp_path, "computed", "--data.limit", "4"))  # no cache: the reference
+    main(tiny_args(tmp_path, "first", *with_cache))
+    files = sorted(cache.glob("baseline-*.pt"))
+    assert len(files) == 1
+
+    def no_baseline_forward(*args, **kwargs):
+        raise AssertionError("the baseline was computed, not read from the cache")
+
+    # Another method over the same cases reads it: computing it would fail.
+    monkeypatch.setattr(module, "locality_predictions", no_baseline_forward)
+    main(tiny_args(tmp_path, "reused", *with_cache, "--model.editor.method", "alphaedit"))
+    reference = checkpoint("computed")
+    for name in ("first", "reused"):
+        saved = checkpoint(name)
+        assert json.dumps(saved["baseline"]) == json.dumps(reference["baseline"])
+        assert saved["unedited_locality"] == reference["unedited_locality"]
+        assert torch.equal(saved["facts_known_before"], reference["facts_known_before"])
+    # Other cases or other evaluation settings do not match it.
+    for name, option in (("cases", ["--data.limit", "2"]), ("settings", ["--model.evaluation.fluency_tokens", "7"])):
+        with pytest.raises(AssertionError, match="not read from the cache"):
+            main(tiny_args(tmp_path, name, *with_cache, *option))
+    monkeypatch.undo()
+    # A damaged file is reported, ignored and written again.
+    files[0].write_bytes(b"not a baseline")
+    with pytest.warns(UserWarning, match="unreadable baseline cache"):
+        main(tiny_args(tmp_path, "repaired", *with_cache))
+    assert json.dumps(checkpoint("repaired")["baseline"]) == json.dumps(reference["baseline"])
+    assert json.dumps(torch.load(files[0], weights_only=True)["baseline"]) == json.dumps(reference["baseline"])
+
+
 def test_print_config_is_commented(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--print_config"])
