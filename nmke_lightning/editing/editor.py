@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for, get_module
-from .attribution import LensProductCache, attribution_scores
+from .attribution import SERIES_MIN_PROMPTS, LensProductCache, attribution_scores
 from .keys import AttributionInputs, read_attribution_inputs, read_keys
 from .masks import MaskConfig, NeuronMask, neuron_mask
 from .requests import EditRequest
@@ -84,7 +84,7 @@ class EditorConfig:
     neuron_chunk: int | None = None
     """Neurons scored at once in the attribution (memory: prompts x chunk x vocabulary floats); None picks the largest chunk within 128 MiB."""
     attribution_series_terms: int = 10
-    """Moments of the series that replaces most attribution log-sum-exps (attribution.py); 0 computes every score exactly. Used when a step has at least twice as many prompts as terms: the series costs about terms x vocabulary x d_ff products whatever the number of prompts, the exact path one exponential per prompt."""
+    """Moments of the series that replaces most attribution log-sum-exps (attribution.py); 0 computes every score exactly. Used when a step has at least attribution.SERIES_MIN_PROMPTS (4) prompts: the series costs about terms x vocabulary x d_ff products whatever the number of prompts, the exact path one exponential per prompt."""
     attribution_series_tol: float = 1e-6
     """Largest change of an attribution score the truncated series may cause; other scores are computed exactly."""
     lens_cache_bytes: int = 2 * 2**30
@@ -279,7 +279,7 @@ def compute_masks(
     final_norm = get_module(model, spec.final_norm)
     unembed = get_module(model, spec.unembed)
     n_prompts = 0 if inputs is None else int(inputs.targets.numel())
-    series_terms = config.attribution_series_terms if n_prompts >= 2 * config.attribution_series_terms else 0
+    series_terms = config.attribution_series_terms if n_prompts >= SERIES_MIN_PROMPTS else 0
     masks = {}
     for l in config.layers:
         if inputs is None:
