@@ -100,7 +100,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
 def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
     # Steps of 3, 3 and 1 requests: shares of 2 and 1, then a rank with an empty share.
-    stream = ["--data.batch_size", "3", "--data.limit", "7"]
+    # The single process also saves the pre-edit baseline; DDP rank 0 reads it and broadcasts it.
+    stream = ["--data.batch_size", "3", "--data.limit", "7", "--model.evaluation.baseline_cache", str(tmp_path / "base")]
     single = tmp_path / "single"
     main(tiny_args(tmp_path, "single", *stream))
     dump = tmp_path / "ranks"
@@ -112,6 +113,7 @@ def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pre-edit baseline on 7 cases from" in proc.stdout + proc.stderr
     ranks = [load_file(dump / f"rank{r}.safetensors") for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys()
     for key in ranks[0]:
@@ -127,7 +129,8 @@ def test_ddp_two_cpu_ranks_equal_a_single_process(tmp_path):
     # The final evaluation splits the 7 edited cases over the ranks without counting any twice.
     single_report = json.loads(next((tmp_path / "single" / "out").rglob("report.json")).read_text())
     ddp_report = json.loads(next((tmp_path / "ddp" / "out").rglob("report.json")).read_text())
-    for name in ("efficacy", "reliability", "locality_answer", "perplexity"):
+    assert json.dumps(ddp_report["baseline"]) == json.dumps(single_report["baseline"])
+    for name in ("efficacy", "reliability", "locality_answer", "locality_unedited", "perplexity"):
         assert ddp_report["metrics"][name]["n"] == single_report["metrics"][name]["n"]
         assert ddp_report["metrics"][name]["value"] == pytest.approx(single_report["metrics"][name]["value"], abs=1e-4)
     assert ddp_report["metrics"]["efficacy"]["n"] == 7
