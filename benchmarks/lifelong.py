@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,26 +78,42 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def collect(out: Path) -> dict[str, dict]:
+    """Every finished session's report in `out` (files named like a run id), by run id."""
+    pattern = re.compile(rf"({'|'.join(map(re.escape, VARIANTS))})-(\w+)-T(\d+)-b(\d+)")
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if pattern.fullmatch(p.stem)}
+
+
 def plot(results: dict[str, dict], path: Path) -> None:
+    """One panel per dataset: the harmonic-mean score after all edits against T (reliability
+    where a dataset has no score, as zsRE without true targets), a line per method and
+    edits-per-step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))
+    datasets = sorted({name[len(variant(name)) + 1 :].rsplit("-T", 1)[0] for name in results}) or ["none"]
+    fig = Figure(figsize=(7 * len(datasets), 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    series: dict[str, list[tuple[int, float]]] = {}
-    for name, report in results.items():
-        score = (report["metrics"].get("score") or {}).get("value")
-        if score is not None:
-            label = f"{variant(name)} ({report['protocol']['edits_per_step']}/step)"
-            series.setdefault(label, []).append((report["protocol"]["edits"], score))
-    for label, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("T (edits)")
-    ax.set_ylabel("harmonic-mean score after all edits")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    for i, data in enumerate(datasets):
+        ax = fig.add_subplot(1, len(datasets), i + 1)
+        runs = {n: r for n, r in results.items() if n[len(variant(n)) + 1 :].rsplit("-T", 1)[0] == data}
+        metric = "score" if any((r["metrics"].get("score") or {}).get("value") is not None
+                                for r in runs.values()) else "reliability"
+        series: dict[str, list[tuple[int, float]]] = {}
+        for name, report in runs.items():
+            value = (report["metrics"].get(metric) or {}).get("value")
+            if value is not None:
+                label = f"{variant(name)} ({report['protocol']['edits_per_step']}/step)"
+                series.setdefault(label, []).append((report["protocol"]["edits"], value))
+        for label, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_title(data)
+        ax.set_xlabel("T (edits)")
+        ax.set_ylabel(f"{'harmonic-mean score' if metric == 'score' else metric} after all edits")
+        ax.set_ylim(0, 1)
+        if series:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -138,9 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                             raise SystemExit(f"[{name}] finished without a report.json")
                         shutil.copyfile(report, result)
                     results[name] = json.loads(result.read_text())
-    (out / "results.md").write_text(table(results), encoding="utf-8")
-    plot(results, out / "score_vs_T.png")
-    print(table(results))
+    # The table and the plot cover every finished session in `out`, not only this invocation's.
+    everything = collect(out)
+    (out / "results.md").write_text(table(everything), encoding="utf-8")
+    plot(everything, out / "score_vs_T.png")
+    print(table(everything))
     return results
 
 

@@ -33,10 +33,16 @@ def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_p
     assert (tmp_path / "out" / "score_vs_T.png").read_bytes().startswith(b"\x89PNG")
     # Finished sessions are not run again.
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*.json")}
+    # The table covers every finished session in the folder (another dataset, from an earlier
+    # invocation), and other JSON files there are left out.
+    (tmp_path / "out" / "nmke-zsre-T4-b2.json").write_text(json.dumps(nmke))
+    (tmp_path / "out" / "sweep_layers.json").write_text("{}")
     calls = []
     monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: calls.append(a))
     runner.main(args)
     assert not calls and all(p.stat().st_mtime == t for p, t in stamps.items())
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "nmke-zsre-T4-b2" in md and "sweep" not in md and md.count("\n| ") == 3  # the rows after the header
 
 
 def test_interrupted_session_resumes_from_its_last_checkpoint(load_benchmark, tmp_path):
