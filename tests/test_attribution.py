@@ -144,8 +144,8 @@ def test_auto_chunk_from_memory_budget() -> None:
     # Exact: 60 prompts x 49152 tokens x 4 bytes = 11.25 MiB per neuron; 128 MiB // that = 11.
     assert auto_neuron_chunk(60, 49152, 1536) == 11
     # Series: 10 polynomials x 49152 tokens x 4 bytes = 1.875 MiB per neuron, whatever the prompts.
-    assert auto_neuron_chunk(60, 49152, 1536, 32 * 2**20, terms=10) == 17
-    assert auto_neuron_chunk(6, 49152, 1536, 32 * 2**20, terms=10) == 17
+    assert auto_neuron_chunk(60, 49152, 1536, 45 * 2**20, terms=10) == 24
+    assert auto_neuron_chunk(6, 49152, 1536, 45 * 2**20, terms=10) == 24
     assert auto_neuron_chunk(60, 49152, 1536, max_block_bytes=1) == 1
     assert auto_neuron_chunk(2, 10, 7, max_block_bytes=2**30) == 7
     assert auto_neuron_chunk(0, 10, 7) == 7

@@ -62,12 +62,13 @@ for ``A``) are negligible and small enough to sit beside a large model on the ac
 DENSE_BLOCK_BYTES = 16 * 2**20
 """Cap on the automatic block when every score is exact (``series_terms=0``)."""
 
-SERIES_BLOCK_BYTES = 32 * 2**20
-"""Cap on the automatic block of Chebyshev polynomials (``terms`` per neuron of a chunk): a
-chunk's polynomials are written and then read by the moment product, which is fastest while
-they stay in the CPU's last-level cache. On SmolLM2 (2 cores, 32 MiB L3), one layer's
-attribution took about 3.0-3.7 s at 11-24 neurons per chunk against 5.2-5.8 s at 32 (60
-prompts), and 1.4-1.6 s at 16-32 against 2.9-3.9 s at 68 (6 prompts), on one thread."""
+SERIES_BLOCK_BYTES = 45 * 2**20
+"""Cap on the automatic block of Chebyshev polynomials (``terms`` per neuron of a chunk, though
+most neurons need fewer): a chunk's polynomials are written and then read by the moment
+product, which is fastest while they mostly stay in the CPU's last-level cache. On SmolLM2
+(2 cores, 32 MiB L3, both threads) one layer took 1.1-1.5 s at 24 neurons per chunk (this cap),
+1.4-1.8 s at 11-17 and 2.0-2.4 s at 32-48 with 60 prompts; 0.57-0.66 s at 24 and 0.70-0.83 s
+at 17 with 6 prompts. The old automatic chunk of 68 (6 prompts) took twice as long."""
 
 DEFAULT_SERIES_TERMS = 10
 """Moments in the series; with the default tolerance it covers pairs with rho up to about 2.1."""
