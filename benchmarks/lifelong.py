@@ -94,6 +94,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
     datasets = sorted({name[len(variant(name)) + 1 :].rsplit("-T", 1)[0] for name in results}) or ["none"]
     fig = Figure(figsize=(7 * len(datasets), 4))
     FigureCanvasAgg(fig)
+    labels = sorted({f"{variant(n)} ({r['protocol']['edits_per_step']}/step)" for n, r in results.items()})
+    color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per method in every panel
     for i, data in enumerate(datasets):
         ax = fig.add_subplot(1, len(datasets), i + 1)
         runs = {n: r for n, r in results.items() if n[len(variant(n)) + 1 :].rsplit("-T", 1)[0] == data}
@@ -107,7 +109,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
                 series.setdefault(label, []).append((report["protocol"]["edits"], value))
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, marker="o", label=label, color=color[label])
         ax.set_title(data)
         ax.set_xlabel("T (edits)")
         ax.set_ylabel(f"{'harmonic-mean score' if metric == 'score' else metric} after all edits")
