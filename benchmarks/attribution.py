@@ -70,7 +70,7 @@ def main() -> None:
         total += min(seconds)
         half = (product.amax(1) - product.amin(1)) / 2  # [d_ff]
         rho = (config.amplify_factor * inputs.keys[layer] / inputs.final_scale[:, None]).abs() * half
-        need, use_series = series_plan(rho, radii, torch.ones(n_prompts, 1, dtype=torch.bool), n_prompts)
+        need, use_series = series_plan(rho, radii, torch.ones(n_prompts, 1, dtype=torch.bool))
         line = (f"layer {layer}: " + " ".join(f"{s:.3f}" for s in seconds) + f" s  (lens product {build:.2f} s)  "
                 f"terms/neuron {need.float().mean():.2f}  exact pairs {(~use_series).float().mean():.2%}")
         if args.exact:

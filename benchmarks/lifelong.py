@@ -58,6 +58,16 @@ def variant(name: str) -> str:
     return next(v for v in sorted(VARIANTS, key=len, reverse=True) if name.startswith(v + "-"))
 
 
+def dataset(name: str) -> str:
+    """The dataset of a run id (its part between the method and ``-T``)."""
+    return name[len(variant(name)) + 1 :].rsplit("-T", 1)[0]
+
+
+def series_label(name: str, report: dict) -> str:
+    """A run's line in the plot: its method and edits per step."""
+    return f"{variant(name)} ({report['protocol']['edits_per_step']}/step)"
+
+
 def newest_report(run_dir: Path) -> Path | None:
     reports = sorted(run_dir.rglob("report.json"), key=lambda p: p.stat().st_mtime)
     return reports[-1] if reports else None
@@ -91,22 +101,21 @@ def plot(results: dict[str, dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = sorted({name[len(variant(name)) + 1 :].rsplit("-T", 1)[0] for name in results}) or ["none"]
+    datasets = sorted({dataset(name) for name in results}) or ["none"]
     fig = Figure(figsize=(7 * len(datasets), 4))
     FigureCanvasAgg(fig)
-    labels = sorted({f"{variant(n)} ({r['protocol']['edits_per_step']}/step)" for n, r in results.items()})
+    labels = sorted({series_label(n, r) for n, r in results.items()})
     color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per method in every panel
     for i, data in enumerate(datasets):
         ax = fig.add_subplot(1, len(datasets), i + 1)
-        runs = {n: r for n, r in results.items() if n[len(variant(n)) + 1 :].rsplit("-T", 1)[0] == data}
+        runs = {n: r for n, r in results.items() if dataset(n) == data}
         metric = "score" if any((r["metrics"].get("score") or {}).get("value") is not None
                                 for r in runs.values()) else "reliability"
         series: dict[str, list[tuple[int, float]]] = {}
         for name, report in runs.items():
             value = (report["metrics"].get(metric) or {}).get("value")
             if value is not None:
-                label = f"{variant(name)} ({report['protocol']['edits_per_step']}/step)"
-                series.setdefault(label, []).append((report["protocol"]["edits"], value))
+                series.setdefault(series_label(name, report), []).append((report["protocol"]["edits"], value))
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=label, color=color[label])

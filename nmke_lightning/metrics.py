@@ -198,11 +198,11 @@ def generate_greedy(
     if not hasattr(model, "generate"):
         return [tokenizer.decode(_greedy_ids(model, ids, max_new_tokens, eos_id), skip_special_tokens=True)
                 for ids in rows]
+    fill = pad_id if pad_id is not None else 0  # left padding, masked
     texts = []
     for begin in range(0, len(rows), batch_size):
         chunk = rows[begin : begin + batch_size]
         width = max(len(ids) for ids in chunk)
-        fill = pad_id if pad_id is not None else 0
         input_ids = torch.tensor([[fill] * (width - len(ids)) + ids for ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         out = model.generate(
