@@ -9,6 +9,7 @@ import torch
 
 from nmke_lightning.editing.attribution import (
     LensProductCache,
+    _sketched_svd,
     attribution_scores,
     auto_neuron_chunk,
     series_plan,
@@ -143,9 +144,11 @@ def test_no_autograd_graph_and_device() -> None:
 def test_auto_chunk_from_memory_budget() -> None:
     # Exact: 60 prompts x 49152 tokens x 4 bytes = 11.25 MiB per neuron; 128 MiB // that = 11.
     assert auto_neuron_chunk(60, 49152, 1536) == 11
-    # Series: 10 polynomials x 49152 tokens x 4 bytes = 1.875 MiB per neuron, whatever the prompts.
-    assert auto_neuron_chunk(60, 49152, 1536, 45 * 2**20, terms=10) == 24
-    assert auto_neuron_chunk(6, 49152, 1536, 45 * 2**20, terms=10) == 24
+    # Series: 10 polynomials x one 1024-token tile x 4 bytes = 40 KiB per neuron, whatever the prompts.
+    assert auto_neuron_chunk(60, 49152, 1536, 16 * 2**20, terms=10) == 409
+    assert auto_neuron_chunk(6, 49152, 1536, 16 * 2**20, terms=10) == 409
+    assert auto_neuron_chunk(6, 49152, 1536, 16 * 2**20, terms=10, tile=4096) == 102
+    assert auto_neuron_chunk(6, 500, 1536, 16 * 2**20, terms=10, tile=4096) == 838  # the tile is at most V
     assert auto_neuron_chunk(60, 49152, 1536, max_block_bytes=1) == 1
     assert auto_neuron_chunk(2, 10, 7, max_block_bytes=2**30) == 7
     assert auto_neuron_chunk(0, 10, 7) == 7
@@ -161,6 +164,8 @@ def test_shape_and_option_errors() -> None:
         attribution_scores(**{**inputs, "targets": inputs["targets"].float()})
     with pytest.raises(ValueError, match="neuron_chunk"):
         attribution_scores(**inputs, neuron_chunk=0)
+    with pytest.raises(ValueError, match="series_tile"):
+        attribution_scores(**inputs, series_tile=0)
     with pytest.raises(ValueError, match="prob_floor"):
         attribution_scores(**inputs, prob_floor=0.0)
 
@@ -175,14 +180,15 @@ def lens_radius(inputs: dict, amplify: float = 30.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("terms", [4, 10])
 @pytest.mark.parametrize("chunk", [None, 1, 7])
-def test_series_matches_plain_loop_in_both_regimes(terms: int, chunk: int | None) -> None:
+@pytest.mark.parametrize("tile", [1024, 7, 1])  # one tile for the 50 tokens; 8 uneven tiles; one per token
+def test_series_matches_plain_loop_in_both_regimes(terms: int, chunk: int | None, tile: int) -> None:
     # Small neuron values put most (prompt, neuron) pairs inside the series radius; the rest
     # take the exact path, so both run in one call.
     inputs = random_inputs(seed=7, bias=True, weight_scale=0.003)
     rho = lens_radius(inputs)
     inside = (rho <= series_radius(terms, 1e-6)).double().mean()
     assert 0.2 < inside < 1.0, inside
-    got = attribution_scores(**inputs, neuron_chunk=chunk, series_terms=terms)
+    got = attribution_scores(**inputs, neuron_chunk=chunk, series_terms=terms, series_tile=tile)
     want = reference_scores(**inputs)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
@@ -197,7 +203,7 @@ def test_neurons_of_different_radii_take_their_own_terms_within_the_tolerance(to
     rho = lens_radius(inputs)
     need, use_series = series_plan(rho.float(), torch.tensor(series_radii(10, tol)), torch.ones(P, 1, dtype=torch.bool))
     assert need.min() <= 1 and need.max() >= 6 and (~use_series).any() and use_series.float().mean() > 0.5
-    got = attribution_scores(**inputs, series_terms=10, series_tol=tol)
+    got = attribution_scores(**inputs, series_terms=10, series_tol=tol, series_tile=16)
     want = reference_scores(**inputs)
     torch.testing.assert_close(got.double(), want, atol=tol + 1e-5, rtol=0)
 
@@ -320,6 +326,38 @@ def test_lens_cache_sees_the_rank_of_an_edit_through_float32_rounding(d: int, d_
     for _ in range(20):
         weight += (torch.randn(d, 2, generator=g) @ torch.randn(2, d_ff, generator=g)) * 1e-3
         got = cache.get(0, weight, norm_weight, unembed)
-    assert cache.builds == 1 and cache.low_rank_updates == 20
+    assert cache.builds == 1 and cache.low_rank_updates == 20 and cache.sketched_updates == 20
     want = fresh_product(weight, norm_weight, unembed)
     assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("sketch_columns", [0, 3])
+def test_lens_cache_falls_back_to_the_gram_matrix_beyond_the_sketch(sketch_columns: int) -> None:
+    # Rank-5 edits: more than 3 sketch columns see (or no sketch at all), within the 12 that
+    # max_rank_fraction allows for d = 48: the Gram path must take them, as accurately.
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(48, 128, generator=g) * 0.05
+    norm_weight, unembed = torch.rand(48, generator=g) + 0.5, torch.randn(300, 48, generator=g)
+    cache = LensProductCache(refresh_every=1000, sketch_columns=sketch_columns)
+    cache.get(0, weight, norm_weight, unembed)
+    for _ in range(5):
+        weight += (torch.randn(48, 5, generator=g) @ torch.randn(5, 128, generator=g)) * 1e-3
+        got = cache.get(0, weight, norm_weight, unembed)
+    assert cache.builds == 1 and cache.low_rank_updates == 5 and cache.sketched_updates == 0
+    want = fresh_product(weight, norm_weight, unembed)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_sketched_svd_reconstructs_within_the_noise_or_declines() -> None:
+    g = torch.Generator().manual_seed(13)
+    low = torch.randn(60, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 90, generator=g, dtype=torch.float64)
+    noise = torch.randn(60, 90, generator=g, dtype=torch.float64) * 1e-9
+    change = low + noise
+    u, s, vh = _sketched_svd(change, noise=1e-6, columns=10)
+    assert len(s) == 4  # the noise (Frobenius ~7e-8) is dropped, the four real components kept
+    assert float(((u * s) @ vh - change).norm()) <= 1e-6
+    torch.testing.assert_close(u.t() @ u, torch.eye(4, dtype=torch.float64))
+    want = torch.linalg.svdvals(low)[:4]
+    torch.testing.assert_close(s, want, rtol=1e-7, atol=0)
+    assert _sketched_svd(change, noise=1e-6, columns=3) is None  # rank 4 does not fit 3 columns
+    assert _sketched_svd(change, noise=1e3, columns=3)[1].numel() == 0  # all of it is "noise"

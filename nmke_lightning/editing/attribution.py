@@ -62,13 +62,15 @@ for ``A``) are negligible and small enough to sit beside a large model on the ac
 DENSE_BLOCK_BYTES = 16 * 2**20
 """Cap on the automatic block when every score is exact (``series_terms=0``)."""
 
-SERIES_BLOCK_BYTES = 45 * 2**20
-"""Cap on the automatic block of Chebyshev polynomials (``terms`` per neuron of a chunk, though
-most neurons need fewer): a chunk's polynomials are written and then read by the moment
-product, which is fastest while they mostly stay in the CPU's last-level cache. On SmolLM2
-(2 cores, 32 MiB L3, both threads) one layer took 1.1-1.5 s at 24 neurons per chunk (this cap),
-1.4-1.8 s at 11-17 and 2.0-2.4 s at 32-48 with 60 prompts; 0.57-0.66 s at 24 and 0.70-0.83 s
-at 17 with 6 prompts. The old automatic chunk of 68 (6 prompts) took twice as long."""
+SERIES_TILE_TOKENS = 1024
+"""Vocabulary columns per tile of the series: a chunk's Chebyshev polynomials are built one tile
+at a time and multiplied into the moments while they are still in cache."""
+
+SERIES_BLOCK_BYTES = 16 * 2**20
+"""Cap on the automatic block of Chebyshev polynomials of one vocabulary tile (``terms`` per
+neuron of a chunk, though most neurons need fewer), which sets the neuron chunk: 409 SmolLM2
+neurons per chunk with 10 terms and 1024-token tiles. Larger chunks give the moment product more
+rows per call; the tile keeps the block in the last-level cache."""
 
 DEFAULT_SERIES_TERMS = 10
 """Moments in the series; with the default tolerance it covers pairs with rho up to about 2.1."""
@@ -85,15 +87,18 @@ DEFAULT_SERIES_TOL = 1e-6
 
 
 def auto_neuron_chunk(
-    n_prompts: int, vocab_size: int, d_ff: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES, terms: int = 0
+    n_prompts: int, vocab_size: int, d_ff: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES, terms: int = 0,
+    tile: int = SERIES_TILE_TOKENS,
 ) -> int:
     """Largest neuron chunk whose work block fits the budget: the ``[n_prompts, chunk, V]``
-    logits when every pair is exact (``terms == 0``), else the ``[terms * chunk, V]`` Chebyshev
-    polynomials of the series (its exact pairs run in blocks of their own).
+    logits when every pair is exact (``terms == 0``), else the ``[terms * chunk, tile]``
+    Chebyshev polynomials of one vocabulary tile of the series (its exact pairs run in blocks of
+    their own).
 
     At least 1 (a single neuron's block may exceed a tiny budget) and at most ``d_ff``.
     """
-    per_neuron = max(1, (terms or n_prompts) * vocab_size * _FLOAT32_BYTES)
+    width = min(tile, vocab_size) if terms else vocab_size
+    per_neuron = max(1, (terms or n_prompts) * width * _FLOAT32_BYTES)
     return max(1, min(d_ff, max_block_bytes // per_neuron))
 
 
@@ -183,26 +188,77 @@ def _bessel_i(z: torch.Tensor, terms: int) -> torch.Tensor:
     return sums * q[None] ** k.view(-1, *([1] * q.dim()))
 
 
+SKETCH_COLUMNS = 40
+"""Random columns with which `LensProductCache` first tries to capture a weight change: any
+change of rank up to about 35 (an edit step of that many requests) is captured with a few
+dozen-MFLOP products instead of the d x d Gram matrix and its eigen-decomposition (on SmolLM2,
+about 70 ms per layer)."""
+
+
+def _sketched_svd(
+    change: torch.Tensor, noise: float, columns: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Thin SVD ``u [m, r], s [r], vh [r, n]`` of `change` ``[m, n]`` (float64) from a Gaussian
+    sketch of its column space, dropping what is at most `noise` in Frobenius norm; None when
+    the sketch leaves more than that (the change has higher rank than the sketch sees).
+
+    ``Q = orth(change @ Omega)``; the residual ``change - Q Q^T change`` is measured, not assumed,
+    so an accepted result is within `noise` of `change` whatever the sketch. The smallest
+    singular values of ``Q^T change`` are then dropped while residual and dropped energy together
+    stay within ``noise^2``. The sketch is seeded: the same change gives the same factors.
+    """
+    m, n = change.shape
+    columns = min(columns, m, n)
+    if columns == 0:
+        return None
+    generator = torch.Generator(device=change.device).manual_seed(0)
+    omega = torch.randn(n, columns, generator=generator, device=change.device, dtype=change.dtype)
+    q, _ = torch.linalg.qr(change @ omega)  # [m, columns]
+    b = q.t() @ change  # [columns, n]
+    residual = float((change - q @ b).square().sum())
+    if residual > noise**2:
+        return None
+    eigvals, eigvecs = torch.linalg.eigh(b @ b.t())  # ascending
+    energy = eigvals.clamp(min=0)
+    dropped = residual + torch.cumsum(energy, 0)  # dropping the i + 1 smallest
+    n_drop = int((dropped <= noise**2).sum())
+    keep = torch.arange(columns, device=change.device) >= n_drop
+    if not bool(keep.any()):
+        return change.new_zeros(m, 0), change.new_zeros(0), change.new_zeros(0, n)
+    s = energy[keep].sqrt().flip(0)  # descending, as an SVD's
+    u_small = eigvecs[:, keep].flip(1)
+    vh = (u_small.t() @ b) / s[:, None]  # [r, n]
+    return q @ u_small, s, vh
+
+
 class LensProductCache:
     """``A_l^T = (W_U diag(g) W_l)^T`` per edited layer, kept between edit steps.
 
     `get` compares the weight with the copy ``A`` was last brought up to date with. An unchanged
     weight returns the cached ``A``; a change of low rank (an edit step) is added through its
-    thin SVD at ``V (d + d_ff) r`` flops; a change of high rank, a changed norm or unembedding,
+    thin SVD at ``V (d + d_ff) r`` flops (the SVD from a random sketch of `sketch_columns`
+    columns when that captures the change, `_sketched_svd`; else from the d x d Gram matrix);
+    a change of high rank, a changed norm or unembedding,
     or `refresh_every` low-rank updates in a row rebuild ``A`` (bounding float32 drift). Layers
     whose ``A`` would take the cache past `max_bytes` are not cached (`get` returns None and the
     attribution builds the columns chunk by chunk, as without a cache).
     """
 
-    def __init__(self, max_bytes: int = 2 * 2**30, refresh_every: int = 100, max_rank_fraction: float = 0.25) -> None:
-        if max_bytes < 0 or refresh_every < 1 or not 0 < max_rank_fraction <= 1:
-            raise ValueError("LensProductCache: max_bytes >= 0, refresh_every >= 1, 0 < max_rank_fraction <= 1")
+    def __init__(
+        self, max_bytes: int = 2 * 2**30, refresh_every: int = 100, max_rank_fraction: float = 0.25,
+        sketch_columns: int = SKETCH_COLUMNS,
+    ) -> None:
+        if max_bytes < 0 or refresh_every < 1 or not 0 < max_rank_fraction <= 1 or sketch_columns < 0:
+            raise ValueError("LensProductCache: max_bytes >= 0, refresh_every >= 1, 0 < max_rank_fraction <= 1, "
+                             "sketch_columns >= 0")
         self.max_bytes = max_bytes
         self.refresh_every = refresh_every
         self.max_rank_fraction = max_rank_fraction
         self._entries: dict[object, dict] = {}
+        self.sketch_columns = sketch_columns
         self.builds = 0  # full products computed (for tests and benchmarks)
         self.low_rank_updates = 0
+        self.sketched_updates = 0  # the low-rank updates whose factors came from the sketch
 
     def _bytes(self) -> int:
         return sum(e["A"].numel() * e["A"].element_size() for e in self._entries.values())
@@ -226,26 +282,38 @@ class LensProductCache:
         stamps = (self._stamp(norm_weight), self._stamp(unembed))
         weight = weight.detach().to(**f32)
 
-        def scaled_unembed() -> torch.Tensor:  # [V, d]; only when A changes, not for a cache hit
-            return unembed.detach().to(**f32) * norm_weight.detach().to(**f32)
+        def times_lens(x: torch.Tensor) -> torch.Tensor:  # W_U diag(g) x for x [d, k]; no [V, d] scaled copy
+            return unembed.detach().to(**f32) @ (norm_weight.detach().to(**f32)[:, None] * x)
 
         if entry is not None and entry["stamps"] == stamps and entry["A"].device == weight.device:
             change = weight - entry["weight"]
             if not bool(change.any()):
                 return entry["A"]
             if entry["updates"] < self.refresh_every:
-                # Thin SVD from the eigen-decomposition of the small Gram matrix (d x d, in
-                # float64, whose eigenvalues s^2 resolve singular values far below the noise
-                # level below); a full SVD of the d x d_ff change costs several times more.
+                # The float32 weight rounds every entry after an edit, so the change also holds
+                # noise of up to eps/2 per entry (Frobenius and spectral norm <= eps/2 ||W||_F) at
+                # full rank. Components below that are dropped: they move A no more than A's own
+                # rounding.
+                noise = torch.finfo(torch.float32).eps * float(weight.norm())
                 change = change.double()
+                factors = _sketched_svd(change, noise, self.sketch_columns)
+                if factors is not None and len(factors[1]) <= self.max_rank_fraction * min(change.shape):
+                    u, s, vh = factors
+                    right = times_lens((u * s).float())  # [V, r]
+                    entry["A"].addmm_(vh.t().float(), right.t())
+                    entry["weight"] = weight.clone()
+                    entry["updates"] += 1
+                    self.low_rank_updates += 1
+                    self.sketched_updates += 1
+                    return entry["A"]
+                # Thin SVD from the eigen-decomposition of the small Gram matrix (in float64, whose
+                # eigenvalues s^2 resolve singular values far below the noise level); a full SVD
+                # of the d x d_ff change costs several times more. (A change the sketch captured
+                # at too high a rank is rebuilt below as well.)
                 if change.shape[0] > change.shape[1]:
                     change = change.t()
                 eigvals, eigvecs = torch.linalg.eigh(change @ change.t())
                 s = eigvals.clamp(min=0).sqrt()
-                # The float32 weight rounds every entry after an edit, so the change also holds
-                # noise of up to eps/2 per entry (spectral norm <= eps/2 ||W||_F) at full rank.
-                # Components below that are dropped: they move A no more than A's own rounding.
-                noise = torch.finfo(torch.float32).eps * float(weight.norm())
                 keep = s > noise
                 rank = int(keep.sum())
                 if rank <= self.max_rank_fraction * min(change.shape):
@@ -253,14 +321,14 @@ class LensProductCache:
                     vh = (u.t() @ change) / s[:, None]  # [r, longer side]
                     if change.shape[0] != weight.shape[0]:  # transposed above: u is on the d_ff side
                         u, vh = vh.t(), u.t()
-                    right = scaled_unembed() @ (u * s).float()  # [V, r]
+                    right = times_lens((u * s).float())  # [V, r]
                     entry["A"].addmm_(vh.t().float(), right.t())
                     entry["weight"] = weight.clone()
                     entry["updates"] += 1
                     self.low_rank_updates += 1
                     return entry["A"]
-        self._entries[key] = {"A": weight.t() @ scaled_unembed().t(), "weight": weight.clone(), "stamps": stamps,
-                              "updates": 0}
+        product = (weight.t() * norm_weight.detach().to(**f32)) @ unembed.detach().to(**f32).t()  # [d_ff, V]
+        self._entries[key] = {"A": product, "weight": weight.clone(), "stamps": stamps, "updates": 0}
         self.builds += 1
         return self._entries[key]["A"]
 
@@ -341,14 +409,19 @@ def _exact_lse(
 
 def _series_then_exact_lse(
     base: torch.Tensor, base_lse: torch.Tensor, finite_rows: torch.Tensor, w: torch.Tensor, w_mass: torch.Tensor,
-    c: torch.Tensor, rows: torch.Tensor, radius: torch.Tensor, max_block_bytes: int,
+    c: torch.Tensor, rows: torch.Tensor, w_rows: torch.Tensor, radius: torch.Tensor, max_block_bytes: int,
+    tile: int = SERIES_TILE_TOKENS,
 ) -> torch.Tensor:
     """``logsumexp(base[p] + c[p, j] * rows[j])`` for a neuron chunk ``[P, c]``: the Chebyshev
     series where `series_plan` gives a pair one (module docstring), the exact log-sum-exp
     elsewhere. `radius` holds the radius of 1..K terms, increasing; `w` may have zero rows after
-    the P prompts."""
+    the P prompts; `w_rows` ``[P, c]`` is ``sum_v w[p, v] rows[j, v]``, from which the first
+    moment follows without a product over the vocabulary.
+
+    The polynomials are built and multiplied `tile` vocabulary columns at a time, so that each
+    tile's polynomials are still in cache when the moment product reads them."""
     terms, vocab = radius.shape[0], base.shape[1]
-    hi, lo = rows.amax(dim=1), rows.amin(dim=1)
+    lo, hi = torch.aminmax(rows, dim=1)  # one pass over the chunk
     mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
     rho = c.abs() * half  # [P, c]
     need, use_series = series_plan(rho, radius, finite_rows)
@@ -361,21 +434,34 @@ def _series_then_exact_lse(
         order = need.argsort(descending=True)
         n_rows = [int((need > k).sum()) for k in range(terms)]
         offsets = [0, *itertools.accumulate(n_rows)]
-        packed = torch.empty(offsets[-1], vocab, device=rows.device, dtype=torch.float32)
-        poly = [packed[offsets[k] : offsets[k + 1]] for k in range(terms)]  # poly[k] = s_(k+1) T_(k+1)
         first = order[: n_rows[0]]  # the neurons with at least one term
-        torch.sub(rows[first], mid[first, None], out=poly[0]).mul_(torch.where(half > 0, 1 / half, 0.0)[first, None])
+        inv_half = torch.where(half > 0, 1 / half, 0.0)
+        scale, shift = inv_half[first, None], (-mid * inv_half)[first, None]  # t = scale * A + shift
         sign = [1.0 if k % 4 in (0, 1) else -1.0 for k in range(terms + 1)]
         one = torch.ones((), device=rows.device)
-        for k in range(1, terms):
-            n, below = n_rows[k], one if k == 1 else poly[k - 2][: n_rows[k]]
-            torch.addcmul(below, poly[0][:n], poly[k - 1][:n], value=2 * sign[k + 1] / sign[k], out=poly[k])
+        tile = max(1, min(tile, vocab))
+        buffer = torch.empty(offsets[-1] * tile, device=rows.device, dtype=torch.float32)
+        # Moments of T_2.. by product over the vocabulary; T_1's is exact from w_rows:
+        # sum_v w_v (A_v - m) / h = (w_rows - m w_mass) / h.
+        packed_moments = torch.zeros(offsets[-1] - offsets[1], w.shape[0], device=rows.device)
+        for v0 in range(0, vocab, tile):
+            width = min(tile, vocab - v0)
+            packed = buffer[: offsets[-1] * width].view(offsets[-1], width)
+            poly = [packed[offsets[k] : offsets[k + 1]] for k in range(terms)]  # poly[k] = s_(k+1) T_(k+1)
+            torch.index_select(rows[:, v0 : v0 + width], 0, first, out=poly[0])
+            poly[0].mul_(scale).add_(shift)
+            for k in range(1, terms):
+                n, below = n_rows[k], one if k == 1 else poly[k - 2][: n_rows[k]]
+                torch.addcmul(below, poly[0][:n], poly[k - 1][:n], value=2 * sign[k + 1] / sign[k], out=poly[k])
+            if offsets[-1] > offsets[1]:
+                packed_moments.addmm_(packed[offsets[1] :], w[:, v0 : v0 + width].t())
         n_prompts = c.shape[0]
-        packed_moments = (packed @ w.t())[:, :n_prompts]  # [sum n_rows, P]
         moments = torch.zeros(terms, rows.shape[0], n_prompts, device=rows.device)  # [K, c, P]
-        for k in range(terms):
-            moments[k, : n_rows[k]] = packed_moments[offsets[k] : offsets[k + 1]]
-        moments = moments[:, order.argsort()].transpose(1, 2)  # [K, P, c] in the chunk's order
+        moments[0] = ((w_rows - mid * w_mass) * inv_half).t()  # every neuron, in the chunk's order
+        for k in range(1, terms):
+            moments[k, : n_rows[k]] = packed_moments[offsets[k] - offsets[1] : offsets[k + 1] - offsets[1], :n_prompts]
+        moments[1:] = moments[1:, order.argsort()]
+        moments = moments.transpose(1, 2)  # [K, P, c] in the chunk's order
         bessel = _bessel_i(torch.where(use_series, c * half, 0.0), terms).float()  # [K + 1, P, c]
         weights = 2 * torch.tensor(sign[1:], device=rows.device)[:, None, None] * bessel[1:]
         series = bessel[0] * w_mass + (weights * moments).sum(dim=0)  # E_w[exp(c (A - m))]
@@ -404,6 +490,7 @@ def attribution_scores(
     series_terms: int = DEFAULT_SERIES_TERMS,
     series_tol: float = DEFAULT_SERIES_TOL,
     lens_product: torch.Tensor | None = None,  # [d_ff, V]
+    series_tile: int = SERIES_TILE_TOKENS,
 ) -> torch.Tensor:  # [P, d_ff] float32
     """Log-probability gain of each prompt's current top-1 token when one neuron is amplified.
 
@@ -427,6 +514,8 @@ def attribution_scores(
         series_tol: the series is used only where its truncation changes a score by at most this.
         lens_product: ``A^T = (W_U diag(g) W_l)^T`` ``[d_ff, V]`` if already known
             (`LensProductCache`); otherwise its rows are computed chunk by chunk.
+        series_tile: vocabulary columns per tile of the series' polynomials (cache blocking;
+            the scores do not depend on it beyond float rounding).
 
     Returns:
         ``[P, d_ff]`` float32 scores on the inputs' device; non-finite scores are 0.
@@ -438,6 +527,8 @@ def attribution_scores(
         raise ValueError(f"attribution_scores: amplify must be finite, got {amplify}")
     if neuron_chunk is not None and neuron_chunk < 1:
         raise ValueError(f"attribution_scores: neuron_chunk must be >= 1, got {neuron_chunk}")
+    if series_tile < 1:
+        raise ValueError(f"attribution_scores: series_tile must be >= 1, got {series_tile}")
     if series_terms < 0 or not series_tol > 0:
         raise ValueError(
             f"attribution_scores: series_terms must be >= 0 and series_tol > 0, got {series_terms}, {series_tol}"
@@ -452,7 +543,9 @@ def attribution_scores(
     resid = resid.to(**f32)
     keys = keys.to(**f32)
     sigma = final_scale.to(**f32)  # [P]
-    unembed_g = unembed.to(**f32) * norm_weight.to(**f32)  # [V, d] = W_U diag(g)
+    # W_U diag(g) is never formed ([V, d]); g scales the d-sized side of each product instead.
+    unembed = unembed.to(**f32)
+    norm_weight = norm_weight.to(**f32)
     weight = weight.to(**f32)
     targets = targets.to(device=device, dtype=torch.long)
 
@@ -462,7 +555,7 @@ def attribution_scores(
 
     log_lo, log_hi = math.log(prob_floor), math.log1p(-prob_floor)
 
-    base = (resid / sigma[:, None]) @ unembed_g.t()  # [P, V]
+    base = (resid * norm_weight / sigma[:, None]) @ unembed.t()  # [P, V]
     if unembed_bias is not None:
         base = base + unembed_bias.to(**f32)
     base_target = base.gather(1, targets[:, None])  # [P, 1]
@@ -478,7 +571,7 @@ def attribution_scores(
     # Without the series every pair is exact: dense [P, c, V] blocks in one reused buffer, kept
     # near cache size (each block is swept five times; from main memory that is the bottleneck).
     budget = min(max_block_bytes, SERIES_BLOCK_BYTES if terms else DENSE_BLOCK_BYTES)
-    chunk = neuron_chunk or auto_neuron_chunk(n_prompts, vocab, d_ff, budget, terms)
+    chunk = neuron_chunk or auto_neuron_chunk(n_prompts, vocab, d_ff, budget, terms, series_tile)
     chunk = min(chunk, d_ff)
     dense = None if terms else torch.empty(n_prompts * chunk * vocab, **f32)
     if terms:
@@ -489,6 +582,9 @@ def attribution_scores(
         # a whole number of the GEMM kernel's tiles (on 2 CPU cores, 64 columns took 27 ms
         # where 60 took 31 ms).
         w = torch.cat([w, w.new_zeros(-n_prompts % 16, vocab)])  # [P rounded up, V]
+        # sum_v w[p, v] A[v, j] through the d-dimensional side (A = W_U diag(g) W_l): the series'
+        # first moment without a product over the vocabulary for every neuron.
+        w_rows = ((w[:n_prompts] @ unembed) * norm_weight) @ weight  # [P, d_ff]
 
     weight_t = weight.t()  # [d_ff, d]: row j = neuron j's value vector
     for start in range(0, d_ff, chunk):
@@ -496,13 +592,14 @@ def attribution_scores(
         if lens_product is not None:
             rows = lens_product[start:stop].to(**f32)  # [c, V] = A[:, start:stop]^T
         else:
-            rows = weight_t[start:stop] @ unembed_g.t()
+            rows = (weight_t[start:stop] * norm_weight) @ unembed.t()
         c = coef[:, start:stop]  # [P, c]
         if dense is not None:  # every pair exact
             block = dense[: c.numel() * vocab].view(n_prompts, -1, vocab)  # [P, c, V]
             lse = _lse_in_place(torch.addcmul(base[:, None, :], c[:, :, None], rows[None, :, :], out=block))
         else:
-            lse = _series_then_exact_lse(base, base_lse, finite_rows, w, w_mass, c, rows, radius, max_block_bytes)
+            lse = _series_then_exact_lse(base, base_lse, finite_rows, w, w_mass, c, rows, w_rows[:, start:stop], radius,
+                                         max_block_bytes, series_tile)
 
         # Gather from the same A slice so the target logit matches the log-sum-exp's columns.
         target_logit = base_target + c * rows[:, targets].t()  # [P, c]
