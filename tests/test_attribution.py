@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nmke_lightning.editing import attribution
 from nmke_lightning.editing.attribution import (
     LensProductCache,
     _sketched_svd,
@@ -267,8 +268,15 @@ def test_precomputed_lens_product_gives_the_same_scores() -> None:
     product = (inputs["weight"].t() @ (inputs["unembed"] * inputs["norm_weight"]).t()).contiguous()
     got = attribution_scores(**inputs, lens_product=product, neuron_chunk=6)
     torch.testing.assert_close(got, attribution_scores(**inputs, neuron_chunk=6), atol=1e-6, rtol=0)
+    lens_range = product.amin(dim=1), product.amax(dim=1)
+    with_range = attribution_scores(**inputs, lens_product=product, lens_range=lens_range, neuron_chunk=6)
+    torch.testing.assert_close(with_range, got, atol=0, rtol=0)
     with pytest.raises(ValueError, match="lens_product"):
         attribution_scores(**inputs, lens_product=product.t())
+    with pytest.raises(ValueError, match="lens_range"):
+        attribution_scores(**inputs, lens_range=lens_range)
+    with pytest.raises(ValueError, match="lens_range"):
+        attribution_scores(**inputs, lens_product=product, lens_range=(lens_range[0][:-1], lens_range[1]))
 
 
 def fresh_product(weight, norm_weight, unembed) -> torch.Tensor:
@@ -276,7 +284,10 @@ def fresh_product(weight, norm_weight, unembed) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d,d_ff", [(D, D_FF), (D_FF, D)])  # the change's SVD from either side
-def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise(d: int, d_ff: int) -> None:
+@pytest.mark.parametrize("block_rows", [None, 3])  # updated in one block, or in blocks of 3 rows (last one short)
+def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise(d: int, d_ff: int, block_rows, monkeypatch) -> None:
+    if block_rows:
+        monkeypatch.setattr(attribution, "ROW_BLOCK_BYTES", block_rows * V * 4)
     g = torch.Generator().manual_seed(10)
     weight = torch.randn(d, d_ff, generator=g)
     norm_weight = torch.rand(d, generator=g) + 0.5
@@ -289,6 +300,8 @@ def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise(d: int, d_ff: 
         weight += torch.randn(d, 1, generator=g) @ torch.randn(1, d_ff, generator=g)
         got = cache.get("l", weight, norm_weight, unembed)
         torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
+        lo, hi = cache.row_range("l")  # exactly the updated product's, row by row
+        assert torch.equal(lo, got.amin(dim=1)) and torch.equal(hi, got.amax(dim=1))
     assert cache.builds == 1 and cache.low_rank_updates == 3
     weight += torch.randn(d, 1, generator=g) @ torch.randn(1, d_ff, generator=g)
     cache.get("l", weight, norm_weight, unembed)  # a fourth in a row: refresh
@@ -296,6 +309,7 @@ def test_lens_cache_follows_low_rank_edits_and_rebuilds_otherwise(d: int, d_ff: 
     weight += torch.randn(d, d_ff, generator=g)  # full rank: rebuild
     got = cache.get("l", weight, norm_weight, unembed)
     assert cache.builds == 3
+    assert torch.equal(cache.row_range("l")[0], got.amin(dim=1)) and torch.equal(cache.row_range("l")[1], got.amax(dim=1))
     torch.testing.assert_close(got.double(), fresh_product(weight, norm_weight, unembed), atol=1e-4, rtol=1e-5)
     unembed.mul_(2.0)  # an in-place change of the unembedding is noticed
     got = cache.get("l", weight, norm_weight, unembed)

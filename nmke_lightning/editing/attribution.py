@@ -188,6 +188,9 @@ def _bessel_i(z: torch.Tensor, terms: int) -> torch.Tensor:
     return sums * q[None] ** k.view(-1, *([1] * q.dim()))
 
 
+ROW_BLOCK_BYTES = 8 * 2**20
+"""Rows of ``A^T`` updated at a time by `LensProductCache` (then their range is read from cache)."""
+
 SKETCH_COLUMNS = 40
 """Random columns with which `LensProductCache` first tries to capture a weight change: any
 change of rank up to about 35 (an edit step of that many requests) is captured with a few
@@ -299,13 +302,8 @@ class LensProductCache:
                 factors = _sketched_svd(change, noise, self.sketch_columns)
                 if factors is not None and len(factors[1]) <= self.max_rank_fraction * min(change.shape):
                     u, s, vh = factors
-                    right = times_lens((u * s).float())  # [V, r]
-                    entry["A"].addmm_(vh.t().float(), right.t())
-                    entry["weight"] = weight.clone()
-                    entry["updates"] += 1
-                    self.low_rank_updates += 1
                     self.sketched_updates += 1
-                    return entry["A"]
+                    return self._add_low_rank(entry, weight, vh.t().float(), times_lens((u * s).float()))
                 # Thin SVD from the eigen-decomposition of the small Gram matrix (in float64, whose
                 # eigenvalues s^2 resolve singular values far below the noise level); a full SVD
                 # of the d x d_ff change costs several times more. (A change the sketch captured
@@ -321,16 +319,32 @@ class LensProductCache:
                     vh = (u.t() @ change) / s[:, None]  # [r, longer side]
                     if change.shape[0] != weight.shape[0]:  # transposed above: u is on the d_ff side
                         u, vh = vh.t(), u.t()
-                    right = times_lens((u * s).float())  # [V, r]
-                    entry["A"].addmm_(vh.t().float(), right.t())
-                    entry["weight"] = weight.clone()
-                    entry["updates"] += 1
-                    self.low_rank_updates += 1
-                    return entry["A"]
+                    return self._add_low_rank(entry, weight, vh.t().float(), times_lens((u * s).float()))
         product = (weight.t() * norm_weight.detach().to(**f32)) @ unembed.detach().to(**f32).t()  # [d_ff, V]
-        self._entries[key] = {"A": product, "weight": weight.clone(), "stamps": stamps, "updates": 0}
+        lo, hi = torch.aminmax(product, dim=1)
+        self._entries[key] = {"A": product, "lo": lo, "hi": hi, "weight": weight.clone(), "stamps": stamps,
+                              "updates": 0}
         self.builds += 1
-        return self._entries[key]["A"]
+        return product
+
+    def _add_low_rank(self, entry: dict, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``A^T += left @ right^T`` (``[d_ff, r]``, ``[V, r]``), a block of rows at a time, each
+        block's row minima and maxima read while it is still in cache."""
+        product = entry["A"]
+        rows = max(1, ROW_BLOCK_BYTES // (product.shape[1] * product.element_size()))
+        for start in range(0, product.shape[0], rows):
+            block = product[start : start + rows].addmm_(left[start : start + rows], right.t())
+            torch.aminmax(block, dim=1, out=(entry["lo"][start : start + rows], entry["hi"][start : start + rows]))
+        entry["weight"] = weight.clone()
+        entry["updates"] += 1
+        self.low_rank_updates += 1
+        return product
+
+    def row_range(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row minima and maxima ``[d_ff]`` of the ``A^T`` that `get` last returned for `key`
+        (kept with it, so the attribution need not read ``A`` once more for them)."""
+        entry = self._entries[key]
+        return entry["lo"], entry["hi"]
 
 
 def _clamped_log_prob(
@@ -411,17 +425,19 @@ def _series_then_exact_lse(
     base: torch.Tensor, base_lse: torch.Tensor, finite_rows: torch.Tensor, w: torch.Tensor, w_mass: torch.Tensor,
     c: torch.Tensor, rows: torch.Tensor, w_rows: torch.Tensor, radius: torch.Tensor, max_block_bytes: int,
     tile: int = SERIES_TILE_TOKENS,
+    row_range: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``logsumexp(base[p] + c[p, j] * rows[j])`` for a neuron chunk ``[P, c]``: the Chebyshev
     series where `series_plan` gives a pair one (module docstring), the exact log-sum-exp
     elsewhere. `radius` holds the radius of 1..K terms, increasing; `w` may have zero rows after
     the P prompts; `w_rows` ``[P, c]`` is ``sum_v w[p, v] rows[j, v]``, from which the first
-    moment follows without a product over the vocabulary.
+    moment follows without a product over the vocabulary. `row_range`: each row's minimum and
+    maximum, if known.
 
     The polynomials are built and multiplied `tile` vocabulary columns at a time, so that each
     tile's polynomials are still in cache when the moment product reads them."""
     terms, vocab = radius.shape[0], base.shape[1]
-    lo, hi = torch.aminmax(rows, dim=1)  # one pass over the chunk
+    lo, hi = torch.aminmax(rows, dim=1) if row_range is None else row_range  # [c] each
     mid, half = (hi + lo) / 2, (hi - lo) / 2  # [c]
     rho = c.abs() * half  # [P, c]
     need, use_series = series_plan(rho, radius, finite_rows)
@@ -491,6 +507,7 @@ def attribution_scores(
     series_tol: float = DEFAULT_SERIES_TOL,
     lens_product: torch.Tensor | None = None,  # [d_ff, V]
     series_tile: int = SERIES_TILE_TOKENS,
+    lens_range: tuple[torch.Tensor, torch.Tensor] | None = None,  # [d_ff] each
 ) -> torch.Tensor:  # [P, d_ff] float32
     """Log-probability gain of each prompt's current top-1 token when one neuron is amplified.
 
@@ -516,11 +533,16 @@ def attribution_scores(
             (`LensProductCache`); otherwise its rows are computed chunk by chunk.
         series_tile: vocabulary columns per tile of the series' polynomials (cache blocking;
             the scores do not depend on it beyond float rounding).
+        lens_range: the minimum and maximum of each row of `lens_product`, if known
+            (`LensProductCache.row_range`); they must be exactly those of the given product.
 
     Returns:
         ``[P, d_ff]`` float32 scores on the inputs' device; non-finite scores are 0.
     """
     _check_shapes(resid, keys, final_scale, weight, norm_weight, unembed, unembed_bias, targets, lens_product)
+    if lens_range is not None and (lens_product is None or any(tuple(r.shape) != (keys.shape[1],) for r in lens_range)):
+        raise ValueError("attribution_scores: lens_range needs lens_product and two [d_ff] tensors (its row minima "
+                         "and maxima)")
     if not (0.0 < prob_floor < 0.5):
         raise ValueError(f"attribution_scores: prob_floor must be in (0, 0.5), got {prob_floor}")
     if not math.isfinite(amplify):
@@ -593,13 +615,16 @@ def attribution_scores(
             rows = lens_product[start:stop].to(**f32)  # [c, V] = A[:, start:stop]^T
         else:
             rows = (weight_t[start:stop] * norm_weight) @ unembed.t()
+        row_range = None
+        if lens_product is not None and lens_range is not None:
+            row_range = lens_range[0][start:stop].to(**f32), lens_range[1][start:stop].to(**f32)
         c = coef[:, start:stop]  # [P, c]
         if dense is not None:  # every pair exact
             block = dense[: c.numel() * vocab].view(n_prompts, -1, vocab)  # [P, c, V]
             lse = _lse_in_place(torch.addcmul(base[:, None, :], c[:, :, None], rows[None, :, :], out=block))
         else:
             lse = _series_then_exact_lse(base, base_lse, finite_rows, w, w_mass, c, rows, w_rows[:, start:stop], radius,
-                                         max_block_bytes, series_tile)
+                                         max_block_bytes, series_tile, row_range)
 
         # Gather from the same A slice so the target logit matches the log-sum-exp's columns.
         target_logit = base_target + c * rows[:, targets].t()  # [P, c]

@@ -287,12 +287,13 @@ def compute_masks(
         else:
             weight = spec.read_weight(model, l)
             product = None if lens_cache is None else lens_cache.get(l, weight, final_norm.weight, unembed.weight)
+            lens_range = None if product is None else lens_cache.row_range(l)
             scores = attribution_scores(
                 inputs.resid[l], inputs.keys[l], inputs.final_scale, weight,
                 final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
                 amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
                 series_terms=series_terms, series_tol=config.attribution_series_tol,
-                lens_product=product,
+                lens_product=product, lens_range=lens_range,
             )
         masks[l] = neuron_mask(gather(scores), config.mask)
     return masks
