@@ -61,7 +61,8 @@ def main() -> None:
         common = dict(resid=inputs.resid[layer], keys=inputs.keys[layer], final_scale=inputs.final_scale,
                       weight=weight, norm_weight=norm.weight, unembed=unembed.weight,
                       unembed_bias=getattr(unembed, "bias", None), targets=inputs.targets,
-                      amplify=config.amplify_factor, prob_floor=config.prob_floor, lens_product=product)
+                      amplify=config.amplify_factor, prob_floor=config.prob_floor, lens_product=product,
+                      lens_range=cache.row_range(layer))
         seconds = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
