@@ -69,7 +69,8 @@ def main() -> None:
             scores = attribution_scores(**common, series_terms=terms, series_tol=tol)
             seconds.append(time.perf_counter() - t0)
         total += min(seconds)
-        half = (product.amax(1) - product.amin(1)) / 2  # [d_ff]
+        lo, hi = cache.row_range(layer)
+        half = (hi - lo) / 2  # [d_ff]
         rho = (config.amplify_factor * inputs.keys[layer] / inputs.final_scale[:, None]).abs() * half
         need, use_series = series_plan(rho, radii, torch.ones(n_prompts, 1, dtype=torch.bool))
         line = (f"layer {layer}: " + " ".join(f"{s:.3f}" for s in seconds) + f" s  (lens product {build:.2f} s)  "

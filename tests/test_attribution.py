@@ -346,16 +346,17 @@ def test_lens_cache_sees_the_rank_of_an_edit_through_float32_rounding(d: int, d_
 
 
 @pytest.mark.parametrize("sketch_columns", [0, 3])
-def test_lens_cache_falls_back_to_the_gram_matrix_beyond_the_sketch(sketch_columns: int) -> None:
+@pytest.mark.parametrize("d,d_ff", [(48, 128), (128, 48)])  # the Gram matrix of either side
+def test_lens_cache_falls_back_to_the_gram_matrix_beyond_the_sketch(sketch_columns: int, d: int, d_ff: int) -> None:
     # Rank-5 edits: more than 3 sketch columns see (or no sketch at all), within the 12 that
-    # max_rank_fraction allows for d = 48: the Gram path must take them, as accurately.
+    # max_rank_fraction allows for the shorter side 48: the Gram path must take them, as accurately.
     g = torch.Generator().manual_seed(12)
-    weight = torch.randn(48, 128, generator=g) * 0.05
-    norm_weight, unembed = torch.rand(48, generator=g) + 0.5, torch.randn(300, 48, generator=g)
+    weight = torch.randn(d, d_ff, generator=g) * 0.05
+    norm_weight, unembed = torch.rand(d, generator=g) + 0.5, torch.randn(300, d, generator=g)
     cache = LensProductCache(refresh_every=1000, sketch_columns=sketch_columns)
     cache.get(0, weight, norm_weight, unembed)
     for _ in range(5):
-        weight += (torch.randn(48, 5, generator=g) @ torch.randn(5, 128, generator=g)) * 1e-3
+        weight += (torch.randn(d, 5, generator=g) @ torch.randn(5, d_ff, generator=g)) * 1e-3
         got = cache.get(0, weight, norm_weight, unembed)
     assert cache.builds == 1 and cache.low_rank_updates == 5 and cache.sketched_updates == 0
     want = fresh_product(weight, norm_weight, unembed)

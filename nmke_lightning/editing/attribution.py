@@ -234,13 +234,29 @@ def _sketched_svd(
     return q @ u_small, s, vh
 
 
+def _gram_svd(change: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``u [m, r], s [r], vh [r, n]`` of `change` ``[m, n]`` (float64) keeping the
+    singular values above `noise`, from the eigen-decomposition of the Gram matrix of its shorter
+    side (in float64, whose eigenvalues s^2 resolve singular values far below the noise level; a
+    full SVD costs several times more)."""
+    wide = change.shape[0] <= change.shape[1]
+    short = change if wide else change.t()
+    eigvals, eigvecs = torch.linalg.eigh(short @ short.t())
+    s = eigvals.clamp(min=0).sqrt()
+    keep = s > noise
+    u, s = eigvecs[:, keep], s[keep]
+    vh = (u.t() @ short) / s[:, None]  # [r, longer side]
+    return (u, s, vh) if wide else (vh.t(), s, u.t())
+
+
 class LensProductCache:
     """``A_l^T = (W_U diag(g) W_l)^T`` per edited layer, kept between edit steps.
 
     `get` compares the weight with the copy ``A`` was last brought up to date with. An unchanged
     weight returns the cached ``A``; a change of low rank (an edit step) is added through its
     thin SVD at ``V (d + d_ff) r`` flops (the SVD from a random sketch of `sketch_columns`
-    columns when that captures the change, `_sketched_svd`; else from the d x d Gram matrix);
+    columns when that captures the change, `_sketched_svd`; else from the Gram matrix,
+    `_gram_svd`);
     a change of high rank, a changed norm or unembedding,
     or `refresh_every` low-rank updates in a row rebuild ``A`` (bounding float32 drift). Layers
     whose ``A`` would take the cache past `max_bytes` are not cached (`get` returns None and the
@@ -300,25 +316,12 @@ class LensProductCache:
                 noise = torch.finfo(torch.float32).eps * float(weight.norm())
                 change = change.double()
                 factors = _sketched_svd(change, noise, self.sketch_columns)
-                if factors is not None and len(factors[1]) <= self.max_rank_fraction * min(change.shape):
-                    u, s, vh = factors
-                    self.sketched_updates += 1
-                    return self._add_low_rank(entry, weight, vh.t().float(), times_lens((u * s).float()))
-                # Thin SVD from the eigen-decomposition of the small Gram matrix (in float64, whose
-                # eigenvalues s^2 resolve singular values far below the noise level); a full SVD
-                # of the d x d_ff change costs several times more. (A change the sketch captured
-                # at too high a rank is rebuilt below as well.)
-                if change.shape[0] > change.shape[1]:
-                    change = change.t()
-                eigvals, eigvecs = torch.linalg.eigh(change @ change.t())
-                s = eigvals.clamp(min=0).sqrt()
-                keep = s > noise
-                rank = int(keep.sum())
-                if rank <= self.max_rank_fraction * min(change.shape):
-                    u, s = eigvecs[:, keep], s[keep]
-                    vh = (u.t() @ change) / s[:, None]  # [r, longer side]
-                    if change.shape[0] != weight.shape[0]:  # transposed above: u is on the d_ff side
-                        u, vh = vh.t(), u.t()
+                sketched = factors is not None
+                if not sketched:  # the change has more rank than the sketch sees
+                    factors = _gram_svd(change, noise)
+                u, s, vh = factors
+                if len(s) <= self.max_rank_fraction * min(change.shape):
+                    self.sketched_updates += int(sketched)
                     return self._add_low_rank(entry, weight, vh.t().float(), times_lens((u * s).float()))
         product = (weight.t() * norm_weight.detach().to(**f32)) @ unembed.detach().to(**f32).t()  # [d_ff, V]
         lo, hi = torch.aminmax(product, dim=1)
@@ -615,8 +618,8 @@ def attribution_scores(
             rows = lens_product[start:stop].to(**f32)  # [c, V] = A[:, start:stop]^T
         else:
             rows = (weight_t[start:stop] * norm_weight) @ unembed.t()
-        row_range = None
-        if lens_product is not None and lens_range is not None:
+        row_range = None  # lens_range comes only with lens_product (checked above)
+        if lens_range is not None:
             row_range = lens_range[0][start:stop].to(**f32), lens_range[1][start:stop].to(**f32)
         c = coef[:, start:stop]  # [P, c]
         if dense is not None:  # every pair exact
