@@ -13,8 +13,9 @@ For each (v_lr, clamp_norm_factor) it optimises z at the last edited layer for `
 requests, 10 at a time, and reports the mean target probability reached (exp of minus the
 mean target NLL), the Adam steps taken and the seconds.
 
-Stage "layers": for each edited-layer window, Tikhonov weight lambda and v_lr, it applies `--cases`
-edits in steps of `--per-step` with NMKE (restricted masks) and then scores the edited cases
+Stage "layers": for each edited-layer window, Tikhonov weight lambda, v_lr and method (NMKE with
+restricted masks at each `--mask-bounds`, or a baseline), it applies `--cases`
+edits in steps of `--per-step` and then scores the edited cases
 with the probability-comparison protocol (efficacy, generalization, specificity and their
 harmonic mean) plus token-accuracy reliability.
 """
@@ -31,6 +32,7 @@ import torch
 
 from nmke_lightning.data import load_cases, sample_path
 from nmke_lightning.editing.editor import EditorConfig, EditState, edit_step
+from nmke_lightning.editing.masks import MaskConfig
 from nmke_lightning.editing.stats import layer_covariances
 from nmke_lightning.editing.values import compute_values, generate_context_templates
 from nmke_lightning.evaluation import case_metrics, summarise_metrics, update_case_metrics
@@ -66,10 +68,14 @@ def layers_stage(lm, cases, args) -> list[dict]:
     cov, _ = layer_covariances(lm.model, lm.spec, lm.tokenizer, text, all_layers, args.cov_tokens, cache_dir=cache)
     original = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in all_layers}
     rows = []
-    grid = [(w, l2, lr) for w in windows for l2 in args.l2 for lr in args.v_lr]
-    for (lo, hi), l2, lr in grid:
+    bounds = [mask_bounds(b) for b in args.mask_bounds]
+    methods = [(m, b) for m in args.methods for b in (bounds if m == "nmke" else [None])]
+    grid = [(w, l2, lr, m) for w in windows for l2 in args.l2 for lr in args.v_lr for m in methods]
+    for (lo, hi), l2, lr, (method, bound) in grid:
         layers = list(range(lo, hi + 1))
-        config = EditorConfig(layers=layers, method="nmke", v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2)
+        mask = MaskConfig() if bound is None else MaskConfig(general_bounds=bound, specific_bounds=bound)
+        config = EditorConfig(layers=layers, method=method, v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2,
+                              mask=mask)
         state = EditState.create(lm.model, config, cov, lm.spec)
         t0 = time.perf_counter()
         for start in range(0, len(cases), args.per_step):
@@ -80,12 +86,25 @@ def layers_stage(lm, cases, args) -> list[dict]:
         update_case_metrics(metrics, lm.model, lm.tokenizer, cases, None)
         summary = summarise_metrics(metrics)
         values = {k: summary[k]["value"] for k in ("score", "efficacy", "generalization", "specificity", "reliability")}
-        rows.append({"layers": f"{lo}-{hi}", "l2": l2, "v_lr": lr, **values, "seconds_per_edit": seconds / len(cases)})
+        mask_name = "-" if bound is None else f"{bound[0]:g}-{bound[1]:g}"
+        rows.append({"layers": f"{lo}-{hi}", "l2": l2, "v_lr": lr, "method": method, "mask": mask_name, **values,
+                     "seconds_per_edit": seconds / len(cases)})
         print(rows[-1], flush=True)
         with torch.no_grad():  # undo the session before the next one
             for l in layers:
                 lm.spec.down_proj_module(lm.model, l).weight.copy_(original[l])
     return rows
+
+
+def mask_bounds(text: str) -> tuple[float, float]:
+    """``"lo,hi"`` -> the (general and specific) mask ratio bounds, with a clear error."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--mask-bounds: expected two comma-separated ratios like 0.3,0.4, got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise SystemExit(f"--mask-bounds: need 0 <= lo <= hi <= 1, got {text!r}")
+    return lo, hi
 
 
 def markdown(rows: list[dict]) -> str:
@@ -106,6 +125,10 @@ def main() -> None:
     parser.add_argument("--v-steps", type=int, default=25)
     parser.add_argument("--layers", nargs="+", default=["4-8"], help="edited-layer windows lo-hi (values: last layer of the first)")
     parser.add_argument("--l2", type=float, nargs="+", default=[10.0])
+    parser.add_argument("--methods", nargs="+", default=["nmke"], choices=["nmke", "alphaedit", "memit"],
+                        help="layers stage: editors compared on the same cases")
+    parser.add_argument("--mask-bounds", nargs="+", default=["0.3,0.4"],
+                        help="layers stage, NMKE: lo,hi bounds of both mask ratios (the default is MaskConfig's)")
     parser.add_argument("--per-step", type=int, default=10)
     parser.add_argument("--cov-tokens", type=int, default=100_000)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: a fresh temp dir)")

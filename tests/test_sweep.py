@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 
 from nmke_lightning.data import load_cases, sample_path
@@ -11,7 +12,7 @@ from nmke_lightning.models import load_model
 
 def namespace(**kw):
     base = dict(layers=["1-2"], v_lr=[0.1], clamp=[0.75], v_steps=4, l2=[1.0], per_step=2, cov_tokens=300,
-                cache_dir=None)
+                cache_dir=None, methods=["nmke"], mask_bounds=["0.3,0.4"])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -54,3 +55,31 @@ def test_layers_stage_scores_each_session_and_restores_the_model(load_benchmark,
             assert 0.0 <= row[key] <= 1.0
     for l, weight in before.items():  # every session starts from, and leaves, the unedited model
         assert torch.equal(lm.spec.down_proj_module(lm.model, l).weight, weight)
+
+
+def test_layers_stage_compares_methods_and_mask_bounds(load_benchmark, tmp_path):
+    sweep = load_benchmark("sweep")
+    lm = load_model("tiny-llama", seed=0)
+    cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:2]
+    seen = []
+    original_step = sweep.edit_step
+
+    def spy(model, tokenizer, requests, config, state):
+        result = original_step(model, tokenizer, requests, config, state)
+        seen.append((config.method, {l: m.mask.float().mean().item() for l, m in result.masks.items()}))
+        return result
+
+    sweep.edit_step = spy
+    rows = sweep.layers_stage(lm, cases, namespace(methods=["alphaedit", "nmke"], mask_bounds=["0.1,0.1", "0.8,0.9"],
+                                                   cache_dir=str(tmp_path)))
+    assert [(r["method"], r["mask"]) for r in rows] == [("alphaedit", "-"), ("nmke", "0.1-0.1"), ("nmke", "0.8-0.9")]
+    assert [method for method, _ in seen] == ["alphaedit", "nmke", "nmke"]
+    assert seen[0][1] == {}  # AlphaEdit has no masks
+    # The union of a general and a specific set, each at least its ratio's share of the neurons
+    # (ties at a set's threshold are kept too, so a set can be larger).
+    assert all(share >= 0.8 for share in seen[2][1].values())
+    assert all(0.1 <= share < 0.8 for share in seen[1][1].values())
+    with pytest.raises(SystemExit, match="--mask-bounds"):
+        sweep.mask_bounds("0.5")
+    with pytest.raises(SystemExit, match="--mask-bounds"):
+        sweep.mask_bounds("0.6,0.5")
