@@ -127,8 +127,9 @@ def main() -> None:
     parser.add_argument("--l2", type=float, nargs="+", default=[10.0])
     parser.add_argument("--methods", nargs="+", default=["nmke"], choices=["nmke", "alphaedit", "memit"],
                         help="layers stage: editors compared on the same cases")
-    parser.add_argument("--mask-bounds", nargs="+", default=["0.3,0.4"],
-                        help="layers stage, NMKE: lo,hi bounds of both mask ratios (the default is MaskConfig's)")
+    default_bounds = MaskConfig().general_bounds
+    parser.add_argument("--mask-bounds", nargs="+", default=[f"{default_bounds[0]:g},{default_bounds[1]:g}"],
+                        help="layers stage, NMKE: lo,hi bounds of both mask ratios (default: MaskConfig's)")
     parser.add_argument("--per-step", type=int, default=10)
     parser.add_argument("--cov-tokens", type=int, default=100_000)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: a fresh temp dir)")

@@ -183,11 +183,13 @@ def _bessel_i(z: torch.Tensor, terms: int) -> torch.Tensor:
     m = torch.arange(n_m, device=z.device, dtype=torch.float64)
     k = torch.arange(terms + 1, device=z.device, dtype=torch.float64)
     coef = (-(torch.lgamma(m + 1)[None] + torch.lgamma(m[None] + k[:, None] + 1))).exp()  # [K + 1, M]
-    # Powers by running products (a float64 pow per element took a few times longer).
-    qq_pow = torch.cat([torch.ones_like(q)[None], (q * q)[None].expand(n_m - 1, *q.shape)]).cumprod(0)  # [M, *z.shape]
-    sums = torch.tensordot(coef, qq_pow, dims=1)  # [K + 1, *z.shape]
-    q_pow = torch.cat([torch.ones_like(q)[None], q[None].expand(terms, *q.shape)]).cumprod(0)  # [K + 1, *z.shape]
-    return sums * q_pow
+
+    def powers(x: torch.Tensor, n: int) -> torch.Tensor:  # x^0 .. x^n as [n + 1, *x.shape]
+        # Running products: a float64 pow per element took a few times longer.
+        return torch.cat([torch.ones_like(x)[None], x[None].expand(n, *x.shape)]).cumprod(0)
+
+    sums = torch.tensordot(coef, powers(q * q, n_m - 1), dims=1)  # [K + 1, *z.shape]
+    return sums * powers(q, terms)
 
 
 def row_minmax(
