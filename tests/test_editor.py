@@ -82,24 +82,58 @@ def test_values_stop_early_per_request_and_respect_the_clamp(tiny, templates):
     assert torch.all(shift <= 0.1 * res.h_init.norm(dim=1) * (1 + 1e-5))
 
 
-def test_keys_are_template_means_at_the_subject(tiny, templates):
-    batch = prompt_batch(tiny.tokenizer, REQUESTS, templates)
-    keys, out = read_keys(tiny.model, tiny.spec, batch, [1, 3], len(templates), out_layer=3)
-    name = tiny.spec.down_proj.format(1)
-    for i, request in enumerate(REQUESTS):  # plain loop: one prompt at a time, no padding
+# Subjects in the middle of the prompt, as in most CounterFact records: the keys read at the
+# subject must not depend on the tokens after it.
+MID_SUBJECT = [
+    EditRequest("The Eiffel Tower stands in the middle of", "The Eiffel Tower", "Paris"),
+    EditRequest("Japan is an island nation whose capital is", "Japan", "Tokyo"),
+]
+
+
+def loop_keys(tiny, requests, templates, layer, out_layer):
+    """Template-mean keys and the bare prompt's layer output at the subject's last token, one
+    unpadded prompt at a time over its whole text (a plain loop)."""
+    from nmke_lightning.editing.hooks import trace
+
+    name, out_name = tiny.spec.down_proj.format(layer), f"{tiny.spec.layers}.{out_layer}"
+    keys, outs = [], []
+    for request in requests:
         per_template = []
         for t in templates:
             head = t.split("{}")[0]
             text = t.replace("{}", request.prompt)
             n_subject = len(tiny.tokenizer(head + request.prompt[: request.subject_end])["input_ids"])
-            from nmke_lightning.editing.hooks import trace
-            with trace(tiny.model, inputs=[name], outputs=[f"{tiny.spec.layers}.3"]) as rec, torch.no_grad():
+            with trace(tiny.model, inputs=[name], outputs=[out_name]) as rec, torch.no_grad():
                 tiny.model(input_ids=torch.tensor([tiny.tokenizer(text)["input_ids"]]))
             per_template.append(rec.inputs[name][0, n_subject - 1])
             if t == "{}":
-                bare_out = rec.outputs[f"{tiny.spec.layers}.3"][0, n_subject - 1]
-        assert torch.allclose(keys[1][i], torch.stack(per_template).mean(0), atol=1e-5)
-        assert torch.allclose(out[i], bare_out, atol=1e-5)
+                outs.append(rec.outputs[out_name][0, n_subject - 1])
+        keys.append(torch.stack(per_template).mean(0))
+    return torch.stack(keys), torch.stack(outs)
+
+
+@pytest.mark.parametrize("requests", [REQUESTS, MID_SUBJECT], ids=["subject-last", "subject-inside"])
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "through-lookup"])
+def test_keys_are_template_means_at_the_subject(tiny, templates, requests, cut):
+    batch = prompt_batch(tiny.tokenizer, requests, templates)
+    if cut:  # what edit_step reads the keys from
+        whole = batch.input_ids.shape[1]
+        batch = batch.through_lookup()
+        assert batch.input_ids.shape[1] == int(batch.lookup.max()) + 1
+        assert (batch.input_ids.shape[1] < whole) == (requests is MID_SUBJECT)
+        assert bool((batch.last <= batch.input_ids.shape[1] - 1).all())
+    keys, out = read_keys(tiny.model, tiny.spec, batch, [1, 3], len(templates), out_layer=3)
+    want_keys, want_out = loop_keys(tiny, requests, templates, 1, 3)
+    torch.testing.assert_close(keys[1], want_keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+
+
+def test_cutting_a_batch_needs_a_subject_in_every_row(tiny):
+    from nmke_lightning.editing.tokens import encode
+
+    batch = encode(tiny.tokenizer, ["a b c", "d e"], [3, None])
+    with pytest.raises(ValueError, match="through_lookup: every row needs a subject position"):
+        batch.through_lookup()
 
 
 def test_keys_with_the_lower_layers_replayed_equal_a_full_forward(tiny, templates):

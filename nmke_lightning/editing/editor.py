@@ -352,7 +352,8 @@ def edit_step(
         masks = compute_masks(model, tokenizer, requests, config, templates, spec, gather, state.lens_cache, inputs)
     t = clock.add("attribution", t)
 
-    batch = prompt_batch(tokenizer, requests, templates) if requests else None
+    # The keys are read at the subject's last token only, so the prompts' later tokens are cut.
+    batch = prompt_batch(tokenizer, requests, templates).through_lookup() if requests else None
     n_t = len(templates)
     deltas: dict[int, torch.Tensor] = {}
     # Edits go to layers >= the first edited one, so everything below it is recorded once and

@@ -24,6 +24,17 @@ class PromptBatch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
+    def through_lookup(self) -> "PromptBatch":
+        """The batch without the columns after the last subject token of any row. A causal
+        model's states at the `lookup` positions do not depend on later tokens, so forwards that
+        read only there (the keys) need no more; on the CounterFact sample this drops 13-16% of
+        the tokens. `last` becomes the last real token that is kept."""
+        if self.lookup.numel() == 0 or bool((self.lookup < 0).any()):
+            raise ValueError("PromptBatch.through_lookup: every row needs a subject position (lookup >= 0)")
+        width = int(self.lookup.max()) + 1
+        return PromptBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.lookup,
+                           self.last.clamp(max=width - 1))
+
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists as a right-padded ``[B, T]`` batch and its attention mask."""
