@@ -159,6 +159,35 @@ def test_keys_with_the_lower_layers_replayed_equal_a_full_forward(tiny, template
     assert not torch.allclose(out_after, full_out, atol=1e-4)  # the edit did change the output
 
 
+@pytest.mark.parametrize("layers", [[1, 2, 3], [0, 2]])
+def test_keys_read_between_edits_equal_full_forwards(tiny, templates, layers):
+    # edit_step reads each layer's keys, edits that layer, reads the next: each read replays the
+    # output kept by the one before. Every read must equal a full forward of the model as it is.
+    from nmke_lightning.editing.editor import _LayerKeys
+
+    torch.manual_seed(2)
+    shape = lambda l: tiny.spec.read_weight(tiny.model, l).shape  # noqa: E731
+    changes = {l: torch.randn(shape(l)) * 0.3 for l in layers}
+    lm = fresh(tiny)
+    want = {}
+    for layer in layers:  # plain loop: unpadded full prompts on the model as edited so far
+        want[layer] = loop_keys(lm, MID_SUBJECT, templates, layer, 3)
+        lm.spec.add_to_weight(lm.model, layer, changes[layer])
+    lm = fresh(tiny)
+    batch = prompt_batch(lm.tokenizer, MID_SUBJECT, templates).through_lookup()
+    read = _LayerKeys(lm.model, lm.spec, batch, len(templates), out_layer=3)
+    got = {}
+    with replay_below(lm.model, lm.spec, batch, layers[0]):
+        for layer in layers:
+            got[layer] = read(layer)
+            lm.spec.add_to_weight(lm.model, layer, changes[layer])
+    assert no_hooks_left(lm.model)
+    for layer in layers:
+        torch.testing.assert_close(got[layer][0], want[layer][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[layer][1], want[layer][1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want[layers[0]][1], want[layers[-1]][1], atol=1e-3)  # the edits mattered
+
+
 def test_attribution_inputs_reproduce_the_logits(tiny, templates):
     """lens(final layer output) read at the last real token equals the model's own logits."""
     batch = prompt_batch(tiny.tokenizer, REQUESTS, templates)
@@ -217,8 +246,10 @@ def test_one_step_makes_the_new_target_top1(tiny, method, mask_mode):
         for l in layers:
             zero_rows = result.deltas[l].abs().sum(0) == 0  # columns of delta W = neurons
             assert torch.all(zero_rows[~result.masks[l].mask])
-    if method != "memit":
-        assert all(float(state.past_cov[l].trace()) > 0 for l in layers)
+    if method != "memit":  # the memory holds the keys of the edited model (a plain loop over it)
+        for l in layers:
+            k = loop_keys(lm, REQUESTS, state.templates, l, layers[-1])[0].double()  # [n, d_ff]
+            torch.testing.assert_close(state.past_cov[l], k.T @ k, atol=1e-6, rtol=1e-5)
 
 
 def test_projected_methods_leave_corpus_keys_untouched(tiny):

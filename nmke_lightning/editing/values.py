@@ -110,6 +110,22 @@ def replay_below(model: nn.Module, spec: ArchSpec, batch: PromptBatch, layer: in
         yield
 
 
+@contextlib.contextmanager
+def keep_output(model: nn.Module, name: str) -> Iterator[dict]:
+    """The raw output (tensor or tuple) of module `name` in the forwards inside the block, the
+    last one's under ``"output"`` of the dict yielded (for `replay_prefix`)."""
+    kept: dict = {}
+
+    def hook(module, args, output):
+        kept["output"] = output
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _record_output(model: nn.Module, name: str, inputs: dict, cache: bool = False):
     """The raw output (tensor or tuple) of module `name`, and the decoder stack's cache.
