@@ -8,7 +8,8 @@ product ``W_U diag(g) W_l`` once (as the lens cache holds it between steps), the
 `attribution_scores` per layer: the moment series as configured, and with ``--exact`` also
 every pair exactly. Prints, per layer, the seconds of each repeat, the terms the series plan
 gives each neuron on average, the share of (prompt, neuron) pairs left to the exact path, and
-the largest score difference between the two paths.
+the largest score difference between the two paths. With ``--update-rank R`` it then times the
+lens cache following random rank-R changes of every layer's weight (an edit step of R requests).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--exact", action="store_true", help="also time every pair exact, and compare")
+    parser.add_argument("--update-rank", type=int, default=0,
+                        help="then time the lens cache following `--repeats` random edits of this rank per layer")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -81,6 +84,28 @@ def main() -> None:
             line += f"  exact path {time.perf_counter() - t0:.3f} s, max |diff| {(scores - exact).abs().max():.2e}"
         print(line)
     print(f"attribution of {len(config.layers)} layers (best repeat each): {total:.2f} s")
+    if args.update_rank:
+        follow_edits(model, spec, cache, config.layers, norm.weight, unembed.weight, args.update_rank, args.repeats)
+
+
+def follow_edits(model, spec, cache, layers, norm_weight, unembed_weight, rank: int, repeats: int) -> None:
+    """Seconds for the lens cache to follow an edit step: every layer's weight gets a seeded
+    random change of rank `rank` (the rank an edit step of that many requests writes), then
+    `LensProductCache.get` brings each product up to date."""
+    generator = torch.Generator().manual_seed(1)
+    seconds = []
+    for _ in range(repeats):
+        with torch.no_grad():
+            for layer in layers:
+                w = spec.read_weight(model, layer)
+                left = torch.randn(w.shape[0], rank, generator=generator) * 1e-3
+                spec.add_to_weight(model, layer, left @ torch.randn(rank, w.shape[1], generator=generator))
+        t0 = time.perf_counter()
+        for layer in layers:
+            cache.get(layer, spec.read_weight(model, layer), norm_weight, unembed_weight)
+        seconds.append(time.perf_counter() - t0)
+    print(f"lens cache after rank-{rank} edits of {len(layers)} layers: " + " ".join(f"{s:.3f}" for s in seconds)
+          + f" s  (low-rank updates {cache.low_rank_updates}, rebuilds {cache.builds - len(layers)})")
 
 
 if __name__ == "__main__":
