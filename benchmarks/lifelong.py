@@ -10,7 +10,9 @@ Each combination is one `python -m nmke_lightning fit` session built from a conf
 `<out>/<run>.json` per session (its report.json), a markdown table `<out>/results.md` and
 `<out>/score_vs_T.png`. Sessions over the same cases (every method and edits-per-step of one T
 and dataset) compute the pre-edit baseline once: it is kept in `<runs>/baseline_cache`.
-Arguments after `--` are passed to every session.
+Arguments after `--` are passed to every session. `--status` runs nothing: it prints, for each
+session of the grid, whether it is finished, under way (edits and periodic curve so far, from its
+last checkpoint) or not started.
 """
 
 from __future__ import annotations
@@ -71,6 +73,35 @@ def series_label(name: str, report: dict) -> str:
 def newest_report(run_dir: Path) -> Path | None:
     reports = sorted(run_dir.rglob("report.json"), key=lambda p: p.stat().st_mtime)
     return reports[-1] if reports else None
+
+
+def session_status(runs: Path, out: Path, name: str) -> str:
+    """One line on a session: finished (its score), under way (its edits and periodic curve so
+    far, read from its last checkpoint) or not started. Reads nothing but files."""
+    result = out / f"{name}.json"
+    if result.exists():
+        report = json.loads(result.read_text())
+        score = (report["metrics"].get("score") or {}).get("value")
+        reliability = (report["metrics"].get("reliability") or {}).get("value")
+        return (f"[{name}] finished: {report['protocol']['edits']} edits, score "
+                f"{'-' if score is None else f'{score:.3f}'}, reliability "
+                f"{'-' if reliability is None else f'{reliability:.3f}'}")
+    last = runs / name / "ckpt" / "last.ckpt"
+    if not last.exists():
+        return f"[{name}] not started" + (" (no checkpoint yet)" if (runs / name).exists() else "")
+    import torch
+
+    from nmke_lightning.module import CHECKPOINT_KEY
+
+    saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)[CHECKPOINT_KEY]
+    total = int(name.rsplit("-T", 1)[1].split("-b")[0])
+    line = f"[{name}] under way: {saved['edit_state']['edits']} of {total} edits at its last checkpoint"
+    for point in (saved.get("evaluation") or {}).get("curve") or []:
+        metrics = point["metrics"]
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("score", "efficacy", "reliability")
+                          if metrics.get(k) is not None)
+        line += f"\n    after {point['edits']} edits (sample of {point['n']}): {shown}"
+    return line
 
 
 def table(results: dict[str, dict]) -> str:
@@ -143,29 +174,35 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--curve-points", type=int, default=5, help="periodic evaluations per session")
     parser.add_argument("--runs", default="benchmarks/runs", help="session folders (checkpoints, logs)")
     parser.add_argument("--out", default="benchmarks/results", help="result JSONs, table and plot")
+    parser.add_argument("--status", action="store_true",
+                        help="only print how far each session is (finished, under way with its curve so far, "
+                             "not started); runs nothing and writes nothing")
     args = parser.parse_args(argv)
     args.extra = extra
     for t in args.T + args.per_step:
         if t < 1:
             raise SystemExit(f"--T and --per-step take positive integers, got {t}")
     out = Path(args.out)
+    grid = [(method, data, T, per_step) for data in args.datasets for method in args.methods
+            for per_step in args.per_step for T in args.T]
+    if args.status:
+        for combination in grid:
+            print(session_status(Path(args.runs), out, run_id(*combination)))
+        return {}
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    for data in args.datasets:
-        for method in args.methods:
-            for per_step in args.per_step:
-                for T in args.T:
-                    name = run_id(method, data, T, per_step)
-                    result = out / f"{name}.json"
-                    if not result.exists():
-                        cmd = session_command(args, method, data, T, per_step)
-                        print(f"[{name}] {' '.join(cmd)}", flush=True)
-                        subprocess.run(cmd, check=True)
-                        report = newest_report(Path(args.runs) / name)
-                        if report is None:
-                            raise SystemExit(f"[{name}] finished without a report.json")
-                        shutil.copyfile(report, result)
-                    results[name] = json.loads(result.read_text())
+    for method, data, T, per_step in grid:
+        name = run_id(method, data, T, per_step)
+        result = out / f"{name}.json"
+        if not result.exists():
+            cmd = session_command(args, method, data, T, per_step)
+            print(f"[{name}] {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+            report = newest_report(Path(args.runs) / name)
+            if report is None:
+                raise SystemExit(f"[{name}] finished without a report.json")
+            shutil.copyfile(report, result)
+        results[name] = json.loads(result.read_text())
     # The table and the plot cover every finished session in `out`, not only this invocation's.
     everything = collect(out)
     (out / "results.md").write_text(table(everything), encoding="utf-8")

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_path, monkeypatch):
+def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_path, monkeypatch, capsys):
     runner = load_benchmark("lifelong")
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -43,6 +43,24 @@ def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_p
     assert not calls and all(p.stat().st_mtime == t for p, t in stamps.items())
     md = (tmp_path / "out" / "results.md").read_text()
     assert "nmke-zsre-T4-b2" in md and "sweep" not in md and md.count("\n| ") == 3  # the rows after the header
+
+    # --status: finished sessions from their result, an unfinished one from its last checkpoint
+    # (here the session's final one: the same curve as its report), the rest not started.
+    (tmp_path / "out" / "nmke-counterfact-T4-b2.json").unlink()
+    (tmp_path / "runs" / "memit-counterfact-T8-b2").mkdir()
+    written = {p: p.stat().st_mtime for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert runner.main(["--status", *args[:args.index("--T")], "--T", "4", "8", *args[args.index("--T") + 2 :]]) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert not calls and {p: p.stat().st_mtime for p in (tmp_path / "out").iterdir()} == written
+    score = memit["metrics"]["score"]["value"]
+    assert f"[memit-counterfact-T4-b2] finished: 4 edits, score {score:.3f}" in lines[4]
+    assert lines[0] == "[nmke-counterfact-T4-b2] under way: 4 of 4 edits at its last checkpoint"
+    for line, point in zip(lines[1:3], nmke["curve"]):
+        want = ", ".join(f"{k} {point['metrics'][k]:.3f}" for k in ("score", "efficacy", "reliability"))
+        assert line == f"    after {point['edits']} edits (sample of {point['n']}): {want}"
+    assert lines[3] == "[nmke-counterfact-T8-b2] not started"
+    assert lines[5] == "[memit-counterfact-T8-b2] not started (no checkpoint yet)" and len(lines) == 6
 
 
 def test_interrupted_session_resumes_from_its_last_checkpoint(load_benchmark, tmp_path):
