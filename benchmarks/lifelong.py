@@ -75,7 +75,7 @@ def newest_report(run_dir: Path) -> Path | None:
     return reports[-1] if reports else None
 
 
-def session_status(runs: Path, out: Path, name: str) -> str:
+def session_status(runs: Path, out: Path, name: str, T: int) -> str:
     """One line on a session: finished (its score), under way (its edits and periodic curve so
     far, read from its last checkpoint) or not started. Reads nothing but files."""
     result = out / f"{name}.json"
@@ -94,8 +94,7 @@ def session_status(runs: Path, out: Path, name: str) -> str:
     from nmke_lightning.module import CHECKPOINT_KEY
 
     saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)[CHECKPOINT_KEY]
-    total = int(name.rsplit("-T", 1)[1].split("-b")[0])
-    line = f"[{name}] under way: {saved['edit_state']['edits']} of {total} edits at its last checkpoint"
+    line = f"[{name}] under way: {saved['edit_state']['edits']} of {T} edits at its last checkpoint"
     for point in (saved.get("evaluation") or {}).get("curve") or []:
         metrics = point["metrics"]
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("score", "efficacy", "reliability")
@@ -186,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     grid = [(method, data, T, per_step) for data in args.datasets for method in args.methods
             for per_step in args.per_step for T in args.T]
     if args.status:
-        for combination in grid:
-            print(session_status(Path(args.runs), out, run_id(*combination)))
+        for method, data, T, per_step in grid:
+            print(session_status(Path(args.runs), out, run_id(method, data, T, per_step), T))
         return {}
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}

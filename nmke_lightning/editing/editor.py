@@ -35,7 +35,6 @@ from .values import (
     generate_context_templates,
     keep_output,
     prompt_batch,
-    replay_below,
     replay_prefix,
 )
 
@@ -382,50 +381,48 @@ def edit_step(
     batch = prompt_batch(tokenizer, requests, templates).through_lookup() if requests else None
     n_t = len(templates)
     deltas: dict[int, torch.Tensor] = {}
-    # Edits go to layers >= the first edited one, so everything below it is recorded once and
-    # replayed by every keys forward of this step.
-    replay = replay_below(model, spec, batch, config.layers[0]) if requests else contextlib.nullcontext()
+    # Edits go to layers >= the first edited one: each keys read replays what lies below the
+    # layer edited last (`_LayerKeys`), the first one computes the layers below the first edit.
     read = _LayerKeys(model, spec, batch, n_t, config.layers[-1])
     step_keys: dict[int, torch.Tensor] = {}
-    with replay:
-        for i, layer in enumerate(config.layers):
-            if requests:
-                keys, cur = read(layer)
-            else:
-                keys = torch.zeros(0, spec.d_ff(model, layer), device=device)
-                cur = torch.zeros(0, d, device=device)
-            keys = gather(keys).T.to(torch.float64)  # [d_ff, n]
-            resid = (z - gather(cur)).T.to(torch.float64) / (len(config.layers) - i)  # [d, n]
-            t = clock.add("keys", t)
-            on = state.cov[layer].device
-            keys, resid = keys.to(on), resid.to(on)
-            step_keys[layer] = keys
-            if config.method == "memit":
-                update = solve_memit(keys, resid, state.cov[layer], config.mom2_update_weight)
-            elif config.method == "alphaedit" or config.mask_mode == "post":
-                update = solve_alphaedit(keys, resid, state.basis[layer], state.past_cov[layer], config.l2)
-                if config.method == "nmke":
-                    update = solve_masked_post(update, masks[layer].mask.to(on))
-            else:
-                update = solve_masked_restricted(
-                    keys, resid, state.cov[layer], state.past_cov[layer], masks[layer].mask.to(on),
-                    config.nullspace_threshold, config.l2,
-                )
-            delta_w = update.T.to(torch.float32)  # [d, d_ff]
-            spec.add_to_weight(model, layer, delta_w)
-            state.deltas[layer] += delta_w.to(state.deltas[layer].device)
-            deltas[layer] = delta_w
-            t = clock.add("solve", t)
+    for i, layer in enumerate(config.layers):
+        if requests:
+            keys, cur = read(layer)
+        else:
+            keys = torch.zeros(0, spec.d_ff(model, layer), device=device)
+            cur = torch.zeros(0, d, device=device)
+        keys = gather(keys).T.to(torch.float64)  # [d_ff, n]
+        resid = (z - gather(cur)).T.to(torch.float64) / (len(config.layers) - i)  # [d, n]
+        t = clock.add("keys", t)
+        on = state.cov[layer].device
+        keys, resid = keys.to(on), resid.to(on)
+        step_keys[layer] = keys
+        if config.method == "memit":
+            update = solve_memit(keys, resid, state.cov[layer], config.mom2_update_weight)
+        elif config.method == "alphaedit" or config.mask_mode == "post":
+            update = solve_alphaedit(keys, resid, state.basis[layer], state.past_cov[layer], config.l2)
+            if config.method == "nmke":
+                update = solve_masked_post(update, masks[layer].mask.to(on))
+        else:
+            update = solve_masked_restricted(
+                keys, resid, state.cov[layer], state.past_cov[layer], masks[layer].mask.to(on),
+                config.nullspace_threshold, config.l2,
+            )
+        delta_w = update.T.to(torch.float32)  # [d, d_ff]
+        spec.add_to_weight(model, layer, delta_w)
+        state.deltas[layer] += delta_w.to(state.deltas[layer].device)
+        deltas[layer] = delta_w
+        t = clock.add("solve", t)
 
-        if config.uses_projection:
-            # The keys of the edited model: layer l's were read after every layer below it was
-            # edited, and neither its own edit nor those above reach its down-projection's input.
-            for layer in config.layers:
-                k = step_keys[layer].to(state.past_cov[layer].device)  # [d_ff, n]
-                outer = k @ k.T
-                # Exactly symmetric, so checkpoints can store one triangle and restore it bitwise.
-                state.past_cov[layer] += (outer + outer.T) / 2
-            t = clock.add("memory", t)
+    if config.uses_projection:
+        # The keys of the edited model: layer l's were read after every layer below it was
+        # edited, and neither its own edit nor those above reach its down-projection's input.
+        for layer in config.layers:
+            k = step_keys[layer].to(state.past_cov[layer].device)  # [d_ff, n]
+            outer = k @ k.T
+            # Exactly symmetric, so checkpoints can store one triangle and restore it bitwise.
+            state.past_cov[layer] += (outer + outer.T) / 2
+        t = clock.add("memory", t)
 
     state.steps += 1
     state.edits += int(z.shape[0])

@@ -98,19 +98,6 @@ def replay_prefix(model: nn.Module, spec: ArchSpec, layer: int, output) -> Itera
 
 
 @contextlib.contextmanager
-def replay_below(model: nn.Module, spec: ArchSpec, batch: PromptBatch, layer: int) -> Iterator[None]:
-    """Forwards of `batch` inside the block skip decoder layers ``0..layer-1``: their output is
-    recorded once on entry and replayed. Valid while those layers' weights stay as they are
-    (an edit step writes only to layers >= its first edited layer)."""
-    if layer == 0:
-        yield
-        return
-    output, _ = _record_output(model, f"{spec.layers}.{layer - 1}", batch.model_inputs())
-    with replay_prefix(model, spec, layer - 1, output):
-        yield
-
-
-@contextlib.contextmanager
 def keep_output(model: nn.Module, name: str) -> Iterator[dict]:
     """The raw output (tensor or tuple) of module `name` in the forwards inside the block, the
     last one's under ``"output"`` of the dict yielded (for `replay_prefix`)."""
