@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from nmke_lightning.editing.arch import get_module
+from nmke_lightning.editing.attribution import attribution_scores
 from nmke_lightning.editing.editor import EditorConfig, EditState, compute_masks, edit_step
 from nmke_lightning.editing.keys import read_attribution_inputs, read_keys
+from nmke_lightning.editing.masks import neuron_mask
 from nmke_lightning.editing.requests import EditRequest
 from nmke_lightning.editing.stats import accumulate, corpus_chunks
 from nmke_lightning.editing.values import compute_values, generate_context_templates, prompt_batch
@@ -290,6 +292,15 @@ def test_masks_on_the_tiny_model(tiny, templates):
         assert torch.equal(m.mask, m.general | m.specific)
         assert 0.3 <= m.general_ratio <= 0.4 and 0.3 <= m.specific_ratio <= 0.4
         assert 0.3 <= m.kept_share <= 0.8
+    # Each layer scored alone, straight from its inputs: the layers' lenses computed together
+    # inside compute_masks must land on their own layers.
+    spec = tiny.spec
+    inputs = read_attribution_inputs(tiny.model, spec, prompt_batch(tiny.tokenizer, REQUESTS, templates), [1, 2])
+    norm, unembed = get_module(tiny.model, spec.final_norm), get_module(tiny.model, spec.unembed)
+    for l in (1, 2):
+        scores = attribution_scores(inputs.resid[l], inputs.keys[l], inputs.final_scale, spec.read_weight(tiny.model, l),
+                                    norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets)
+        assert torch.equal(masks[l].mask, neuron_mask(scores, config.mask).mask)
 
 
 def test_step_masks_with_series_and_lens_cache_equal_exact_masks(tiny):
