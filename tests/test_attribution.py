@@ -13,7 +13,6 @@ from nmke_lightning.editing.attribution import (
     _sketched_svd,
     attribution_scores,
     auto_neuron_chunk,
-    lens_logits,
     series_plan,
     series_radii,
     series_radius,
@@ -278,52 +277,6 @@ def test_precomputed_lens_product_gives_the_same_scores() -> None:
         attribution_scores(**inputs, lens_range=lens_range)
     with pytest.raises(ValueError, match="lens_range"):
         attribution_scores(**inputs, lens_product=product, lens_range=(lens_range[0][:-1], lens_range[1]))
-
-
-def test_lens_logits_of_stacked_layers_match_each_layer_alone() -> None:
-    g = torch.Generator().manual_seed(21)
-    inputs = random_inputs(seed=21, bias=True)
-    inputs["final_scale"][2] = 0.0  # a lens that is not finite: its softmax row is zero
-    resids = [torch.randn(P, D, generator=g) for _ in range(3)]
-    lenses = lens_logits(resids, inputs["final_scale"], inputs["norm_weight"], inputs["unembed"],
-                         inputs["unembed_bias"], moments=True)
-    unembed, norm_weight = inputs["unembed"].double(), inputs["norm_weight"].double()
-    for resid, lens in zip(resids, lenses):
-        for p in range(P):
-            logits = unembed @ (norm_weight * resid[p].double()) / float(inputs["final_scale"][p])
-            logits = logits + inputs["unembed_bias"].double()
-            if p == 2:
-                assert not torch.isfinite(lens.lse[p]).all() and lens.w[p].eq(0).all()
-                continue
-            torch.testing.assert_close(lens.base[p].double(), logits, atol=1e-4, rtol=1e-5)
-            torch.testing.assert_close(lens.lse[p, 0].double(), torch.logsumexp(logits, 0), atol=1e-5, rtol=0)
-            w = torch.softmax(logits, 0)
-            torch.testing.assert_close(lens.w[p].double(), w, atol=1e-7, rtol=1e-5)
-            torch.testing.assert_close(lens.w_unembed[p].double(), w @ unembed, atol=1e-5, rtol=1e-5)
-        assert lens.w.shape == (16, V) and lens.w[P:].eq(0).all()  # padded to 16 prompts
-    plain = lens_logits(resids, inputs["final_scale"], inputs["norm_weight"], inputs["unembed"],
-                        inputs["unembed_bias"], moments=False)
-    assert all(lens.w is None and lens.w_unembed is None for lens in plain)
-    torch.testing.assert_close(plain[1].base, lenses[1].base, atol=0, rtol=0, equal_nan=True)
-
-
-def test_precomputed_lens_logits_give_the_same_scores() -> None:
-    inputs = random_inputs(seed=12, bias=True, weight_scale=0.003)
-    others = [torch.randn(P, D) for _ in range(2)]  # other layers' residuals in the same products
-    lens_args = inputs["final_scale"], inputs["norm_weight"], inputs["unembed"], inputs["unembed_bias"]
-    want = reference_scores(**inputs)
-    for terms in (0, 10):
-        lens = lens_logits([others[0], inputs["resid"], others[1]], *lens_args, moments=terms > 0)[1]
-        got = attribution_scores(**inputs, series_terms=terms, lens=lens)
-        torch.testing.assert_close(got, attribution_scores(**inputs, series_terms=terms), atol=1e-6, rtol=0)
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
-    without_moments = lens_logits([inputs["resid"]], *lens_args, moments=False)[0]
-    with pytest.raises(ValueError, match="lens.w"):
-        attribution_scores(**inputs, series_terms=10, lens=without_moments)
-    with pytest.raises(ValueError, match=r"lens.base has shape \(5, 49\)"):
-        short = lens_logits([inputs["resid"]], *lens_args, moments=False)[0]
-        short.base = short.base[:, :-1]
-        attribution_scores(**inputs, series_terms=0, lens=short)
 
 
 def test_exact_pairs_run_in_reused_blocks() -> None:

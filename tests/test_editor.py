@@ -292,8 +292,7 @@ def test_masks_on_the_tiny_model(tiny, templates):
         assert torch.equal(m.mask, m.general | m.specific)
         assert 0.3 <= m.general_ratio <= 0.4 and 0.3 <= m.specific_ratio <= 0.4
         assert 0.3 <= m.kept_share <= 0.8
-    # Each layer scored alone, straight from its inputs: the layers' lenses computed together
-    # inside compute_masks must land on their own layers.
+    # Against each layer scored alone, straight from its own inputs and weight.
     spec = tiny.spec
     inputs = read_attribution_inputs(tiny.model, spec, prompt_batch(tiny.tokenizer, REQUESTS, templates), [1, 2])
     norm, unembed = get_module(tiny.model, spec.final_norm), get_module(tiny.model, spec.unembed)

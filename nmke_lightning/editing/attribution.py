@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -431,19 +430,6 @@ def _check_shapes(
         )
 
 
-def _check_lens(lens: LensLogits, n_prompts: int, vocab: int, d: int, moments: bool) -> None:
-    expected = {"lens.base": (lens.base.shape, (n_prompts, vocab)), "lens.lse": (lens.lse.shape, (n_prompts, 1))}
-    if moments:
-        if lens.w is None or lens.w_unembed is None:
-            raise ValueError("attribution_scores: the series needs lens.w and lens.w_unembed "
-                             "(lens_logits(..., moments=True))")
-        expected["lens.w"] = (lens.w.shape, (n_prompts + -n_prompts % 16, vocab))
-        expected["lens.w_unembed"] = (lens.w_unembed.shape, (n_prompts, d))
-    for name, (got, want) in expected.items():
-        if tuple(got) != want:
-            raise ValueError(f"attribution_scores: {name} has shape {tuple(got)}, expected {want}")
-
-
 def _lse_in_place(block: torch.Tensor) -> torch.Tensor:
     """log-sum-exp over the last dimension, overwriting `block` (one block in memory instead of
     torch.logsumexp's temporary); an infinite or NaN max turns the row into NaN, which
@@ -542,51 +528,6 @@ def _series_then_exact_lse(
     return lse
 
 
-@dataclass
-class LensLogits:
-    """The logit lens at one layer's prompts, as `attribution_scores` reads it."""
-
-    base: torch.Tensor  # [P, V] float32: W_U (g * r_p) / sigma_p + b
-    lse: torch.Tensor  # [P, 1]: log-sum-exp of each row of base
-    w: torch.Tensor | None  # [P rounded up to 16, V]: softmax(base) where lse is finite, else 0 (series only)
-    w_unembed: torch.Tensor | None  # [P, d]: w @ W_U (series only)
-
-
-@torch.no_grad()
-def lens_logits(
-    resids: list[torch.Tensor],  # [P, d] each
-    final_scale: torch.Tensor,  # [P]
-    norm_weight: torch.Tensor,  # [d]
-    unembed: torch.Tensor,  # [V, d]
-    unembed_bias: torch.Tensor | None,  # [V] or None
-    moments: bool,
-) -> list[LensLogits]:
-    """`LensLogits` of several layers' residuals at the same prompts, with ``w`` and
-    ``w_unembed`` when `moments` (the series needs them).
-
-    The layers go through each vocabulary-sized product together: on 2 CPU cores five layers of
-    60 SmolLM2 prompts took 0.18 s as one ``[300, d] x [d, V]`` product against 0.26 s as five,
-    and 0.12 s against 0.18 s for ``w @ W_U``."""
-    n_layers, (n_prompts, d), vocab = len(resids), resids[0].shape, unembed.shape[0]
-    f32 = dict(device=resids[0].device, dtype=torch.float32)
-    unembed = unembed.to(**f32)
-    sigma = final_scale.to(**f32)[:, None]  # [P, 1]
-    scaled = torch.stack([r.to(**f32) for r in resids]) * norm_weight.to(**f32) / sigma  # [L, P, d]
-    base = (scaled.view(-1, d) @ unembed.t()).view(n_layers, n_prompts, vocab)
-    if unembed_bias is not None:
-        base += unembed_bias.to(**f32)
-    lse = torch.logsumexp(base, dim=2, keepdim=True)  # [L, P, 1]
-    if not moments:
-        return [LensLogits(base[i], lse[i], None, None) for i in range(n_layers)]
-    # Zero rows up to a multiple of 16 prompts: the moment product's narrow side is then a whole
-    # number of the GEMM kernel's tiles (on 2 CPU cores, 64 columns took 27 ms where 60 took 31 ms).
-    padded = n_prompts + -n_prompts % 16
-    w = torch.zeros(n_layers, padded, vocab, **f32)
-    w[:, :n_prompts] = torch.where(torch.isfinite(lse), (base - lse).exp(), 0.0)
-    w_unembed = (w.view(-1, vocab) @ unembed).view(n_layers, padded, d)[:, :n_prompts]
-    return [LensLogits(base[i], lse[i], w[i], w_unembed[i]) for i in range(n_layers)]
-
-
 @torch.no_grad()  # a read-only probe: the model's weights may still have requires_grad set
 def attribution_scores(
     resid: torch.Tensor,  # [P, d]
@@ -606,7 +547,6 @@ def attribution_scores(
     lens_product: torch.Tensor | None = None,  # [d_ff, V]
     series_tile: int = SERIES_TILE_TOKENS,
     lens_range: tuple[torch.Tensor, torch.Tensor] | None = None,  # [d_ff] each
-    lens: LensLogits | None = None,
 ) -> torch.Tensor:  # [P, d_ff] float32
     """Log-probability gain of each prompt's current top-1 token when one neuron is amplified.
 
@@ -634,8 +574,6 @@ def attribution_scores(
             the scores do not depend on it beyond float rounding).
         lens_range: the minimum and maximum of each row of `lens_product`, if known
             (`LensProductCache.row_range`); they must be exactly those of the given product.
-        lens: `lens_logits` of `resid` if already computed (with its moments when the series
-            runs); otherwise computed here.
 
     Returns:
         ``[P, d_ff]`` float32 scores on the inputs' device; non-finite scores are 0.
@@ -678,18 +616,18 @@ def attribution_scores(
 
     log_lo, log_hi = math.log(prob_floor), math.log1p(-prob_floor)
 
-    terms = series_terms
-    if lens is None:
-        lens = lens_logits([resid], sigma, norm_weight, unembed, unembed_bias, moments=terms > 0)[0]
-    _check_lens(lens, n_prompts, vocab, resid.shape[1], terms > 0)
-    base, base_lse = lens.base, lens.lse
+    base = (resid * norm_weight / sigma[:, None]) @ unembed.t()  # [P, V]
+    if unembed_bias is not None:
+        base = base + unembed_bias.to(**f32)
     base_target = base.gather(1, targets[:, None])  # [P, 1]
+    base_lse = torch.logsumexp(base, dim=1, keepdim=True)  # [P, 1]
     base_log_p = _clamped_log_prob(base_target, base_lse, log_lo, log_hi)  # [P, 1]
 
     # The lens divides by sigma_p measured on the real forward (METHOD.md), not by the norm of the
     # amplified vector, so the amplified sub-value is scaled by the same fixed 1/sigma_p.
     coef = amplify * keys / sigma[:, None]  # [P, d_ff]
 
+    terms = series_terms
     radius = torch.tensor(series_radii(terms, series_tol), **f32)  # of 1..K terms
     # Without the series every pair is exact: dense [P, c, V] blocks in one reused buffer, kept
     # near cache size (each block is swept five times; from main memory that is the bottleneck).
@@ -699,11 +637,15 @@ def attribution_scores(
     dense = None if terms else torch.empty(n_prompts * chunk * vocab, **f32)
     if terms:
         finite_rows = torch.isfinite(base_lse)  # [P, 1]: only these have a usable softmax w_p
-        w = lens.w  # [P rounded up, V]
-        w_mass = w[:n_prompts].sum(dim=1, keepdim=True)  # [P, 1]: the 0th moment (1 up to rounding)
+        w = torch.where(finite_rows, (base - base_lse).exp(), 0.0)  # [P, V]
+        w_mass = w.sum(dim=1, keepdim=True)  # [P, 1]: the 0th moment (1 up to rounding)
+        # Zero rows up to a multiple of 16 prompts: the moment product's narrow side is then
+        # a whole number of the GEMM kernel's tiles (on 2 CPU cores, 64 columns took 27 ms
+        # where 60 took 31 ms).
+        w = torch.cat([w, w.new_zeros(-n_prompts % 16, vocab)])  # [P rounded up, V]
         # sum_v w[p, v] A[v, j] through the d-dimensional side (A = W_U diag(g) W_l): the series'
         # first moment without a product over the vocabulary for every neuron.
-        w_rows = (lens.w_unembed * norm_weight) @ weight  # [P, d_ff]
+        w_rows = ((w[:n_prompts] @ unembed) * norm_weight) @ weight  # [P, d_ff]
 
     weight_t = weight.t()  # [d_ff, d]: row j = neuron j's value vector
     for start in range(0, d_ff, chunk):

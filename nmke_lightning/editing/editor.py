@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for, get_module
-from .attribution import SERIES_MIN_PROMPTS, LensProductCache, attribution_scores, lens_logits
+from .attribution import SERIES_MIN_PROMPTS, LensProductCache, attribution_scores
 from .keys import AttributionInputs, read_attribution_inputs, read_keys
 from .masks import MaskConfig, NeuronMask, neuron_mask
 from .requests import EditRequest
@@ -281,11 +281,6 @@ def compute_masks(
     unembed = get_module(model, spec.unembed)
     n_prompts = 0 if inputs is None else int(inputs.targets.numel())
     series_terms = config.attribution_series_terms if n_prompts >= SERIES_MIN_PROMPTS else 0
-    unembed_bias = getattr(unembed, "bias", None)
-    if inputs is not None:  # every layer's lens at once: larger, faster products over the vocabulary
-        lens = lens_logits([inputs.resid[l] for l in config.layers], inputs.final_scale, final_norm.weight,
-                           unembed.weight, unembed_bias, moments=series_terms > 0)
-        lens = dict(zip(config.layers, lens))
     masks = {}
     for l in config.layers:
         if inputs is None:
@@ -296,10 +291,10 @@ def compute_masks(
             lens_range = None if product is None else lens_cache.row_range(l)
             scores = attribution_scores(
                 inputs.resid[l], inputs.keys[l], inputs.final_scale, weight,
-                final_norm.weight, unembed.weight, unembed_bias, inputs.targets,
+                final_norm.weight, unembed.weight, getattr(unembed, "bias", None), inputs.targets,
                 amplify=config.amplify_factor, prob_floor=config.prob_floor, neuron_chunk=config.neuron_chunk,
                 series_terms=series_terms, series_tol=config.attribution_series_tol,
-                lens_product=product, lens_range=lens_range, lens=lens.pop(l),
+                lens_product=product, lens_range=lens_range,
             )
         masks[l] = neuron_mask(gather(scores), config.mask)
     return masks
