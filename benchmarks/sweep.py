@@ -14,7 +14,8 @@ requests, 10 at a time, and reports the mean target probability reached (exp of 
 mean target NLL), the Adam steps taken and the seconds.
 
 Stage "layers": for each edited-layer window, Tikhonov weight lambda, v_lr and method (NMKE with
-restricted masks at each `--mask-bounds`, or a baseline), it applies `--cases`
+restricted masks at each `--mask-bounds`, MEMIT at each covariance weight `--mom2-weight`, or
+AlphaEdit), it applies `--cases`
 edits in steps of `--per-step` and then scores the edited cases
 with the probability-comparison protocol (efficacy, generalization, specificity and their
 harmonic mean) plus token-accuracy reliability.
@@ -37,6 +38,8 @@ from nmke_lightning.editing.stats import layer_covariances
 from nmke_lightning.editing.values import compute_values, generate_context_templates
 from nmke_lightning.evaluation import case_metrics, summarise_metrics, update_case_metrics
 from nmke_lightning.models import load_model
+
+DEFAULT_MOM2_WEIGHT = EditorConfig.__dataclass_fields__["mom2_update_weight"].default
 
 
 def values_stage(lm, cases, args) -> list[dict]:
@@ -69,13 +72,15 @@ def layers_stage(lm, cases, args) -> list[dict]:
     original = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in all_layers}
     rows = []
     bounds = [mask_bounds(b) for b in args.mask_bounds]
-    methods = [(m, b) for m in args.methods for b in (bounds if m == "nmke" else [None])]
+    # Each method's own axis: NMKE's mask bounds, MEMIT's covariance weight; AlphaEdit has none.
+    axes = {"nmke": [(b, DEFAULT_MOM2_WEIGHT) for b in bounds], "memit": [(None, w) for w in args.mom2_weight]}
+    methods = [(m, b, w) for m in args.methods for b, w in axes.get(m, [(None, DEFAULT_MOM2_WEIGHT)])]
     grid = [(w, l2, lr, m) for w in windows for l2 in args.l2 for lr in args.v_lr for m in methods]
-    for (lo, hi), l2, lr, (method, bound) in grid:
+    for (lo, hi), l2, lr, (method, bound, weight) in grid:
         layers = list(range(lo, hi + 1))
         mask = MaskConfig() if bound is None else MaskConfig(general_bounds=bound, specific_bounds=bound)
         config = EditorConfig(layers=layers, method=method, v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2,
-                              mask=mask)
+                              mask=mask, mom2_update_weight=weight)
         state = EditState.create(lm.model, config, cov, lm.spec)
         t0 = time.perf_counter()
         for start in range(0, len(cases), args.per_step):
@@ -87,7 +92,8 @@ def layers_stage(lm, cases, args) -> list[dict]:
         summary = summarise_metrics(metrics)
         values = {k: summary[k]["value"] for k in ("score", "efficacy", "generalization", "specificity", "reliability")}
         mask_name = "-" if bound is None else f"{bound[0]:g}-{bound[1]:g}"
-        rows.append({"layers": f"{lo}-{hi}", "l2": l2, "v_lr": lr, "method": method, "mask": mask_name, **values,
+        rows.append({"layers": f"{lo}-{hi}", "l2": l2, "v_lr": lr, "method": method, "mask": mask_name,
+                     "mom2_weight": weight if method == "memit" else "-", **values,
                      "seconds_per_edit": seconds / len(cases)})
         print(rows[-1], flush=True)
         with torch.no_grad():  # undo the session before the next one
@@ -130,6 +136,8 @@ def main() -> None:
     default_bounds = MaskConfig().general_bounds
     parser.add_argument("--mask-bounds", nargs="+", default=[f"{default_bounds[0]:g},{default_bounds[1]:g}"],
                         help="layers stage, NMKE: lo,hi bounds of both mask ratios (default: MaskConfig's)")
+    parser.add_argument("--mom2-weight", type=float, nargs="+", default=[DEFAULT_MOM2_WEIGHT],
+                        help="layers stage, MEMIT: weights of the key covariance C0 in its solve")
     parser.add_argument("--per-step", type=int, default=10)
     parser.add_argument("--cov-tokens", type=int, default=100_000)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: a fresh temp dir)")

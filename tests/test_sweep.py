@@ -12,7 +12,7 @@ from nmke_lightning.models import load_model
 
 def namespace(**kw):
     base = dict(layers=["1-2"], v_lr=[0.1], clamp=[0.75], v_steps=4, l2=[1.0], per_step=2, cov_tokens=300,
-                cache_dir=None, methods=["nmke"], mask_bounds=["0.3,0.4"])
+                cache_dir=None, methods=["nmke"], mask_bounds=["0.3,0.4"], mom2_weight=[15000.0])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -83,3 +83,26 @@ def test_layers_stage_compares_methods_and_mask_bounds(load_benchmark, tmp_path)
         sweep.mask_bounds("0.5")
     with pytest.raises(SystemExit, match="--mask-bounds"):
         sweep.mask_bounds("0.6,0.5")
+
+
+def test_layers_stage_sweeps_memits_covariance_weight(load_benchmark, tmp_path):
+    sweep = load_benchmark("sweep")
+    lm = load_model("tiny-llama", seed=0)
+    cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:2]
+    seen = []
+    original_step = sweep.edit_step
+
+    def spy(model, tokenizer, requests, config, state):
+        result = original_step(model, tokenizer, requests, config, state)
+        seen.append((config.method, config.mom2_update_weight, {l: float(d.norm()) for l, d in result.deltas.items()}))
+        return result
+
+    sweep.edit_step = spy
+    rows = sweep.layers_stage(lm, cases, namespace(methods=["memit", "alphaedit"], mom2_weight=[1e-3, 1e6],
+                                                   cache_dir=str(tmp_path)))
+    assert [(r["method"], r["mom2_weight"]) for r in rows] == [("memit", 1e-3), ("memit", 1e6), ("alphaedit", "-")]
+    assert [(method, weight) for method, weight, _ in seen] == [("memit", 1e-3), ("memit", 1e6), ("alphaedit", 15000.0)]
+    # Both MEMIT sessions start from the unedited model with the same requests, so a covariance
+    # weight 10^9 times larger must shrink every layer's update.
+    weak, strong = seen[1][2], seen[0][2]
+    assert all(0 < weak[l] < strong[l] for l in strong)
