@@ -15,8 +15,7 @@ mean target NLL), the Adam steps taken and the seconds.
 
 Stage "layers": for each edited-layer window, Tikhonov weight lambda, v_lr and method (NMKE with
 restricted masks at each `--mask-bounds`, MEMIT at each covariance weight `--mom2-weight`, or
-AlphaEdit), it applies `--cases`
-edits in steps of `--per-step` and then scores the edited cases
+AlphaEdit), it applies `--cases` edits in steps of `--per-step` and then scores the edited cases
 with the probability-comparison protocol (efficacy, generalization, specificity and their
 harmonic mean) plus token-accuracy reliability.
 """
