@@ -75,16 +75,22 @@ def layers_stage(lm, cases, args) -> list[dict]:
     axes = {"nmke": [(b, DEFAULT_MOM2_WEIGHT) for b in bounds], "memit": [(None, w) for w in args.mom2_weight]}
     methods = [(m, b, w) for m in args.methods for b, w in axes.get(m, [(None, DEFAULT_MOM2_WEIGHT)])]
     grid = [(w, l2, lr, m) for w in windows for l2 in args.l2 for lr in args.v_lr for m in methods]
-    for (lo, hi), l2, lr, (method, bound, weight) in grid:
+    steps = -(-len(cases) // args.per_step)
+    for session, ((lo, hi), l2, lr, (method, bound, weight)) in enumerate(grid, 1):
+        print(f"[{session}/{len(grid)}] {method}, layers {lo}-{hi}, lambda {l2:g}, v_lr {lr:g}"
+              + (f", mask bounds {bound[0]:g}-{bound[1]:g}" if bound else "")
+              + (f", covariance weight {weight:g}" if method == "memit" else "")
+              + f": {len(cases)} edits in {steps} steps", flush=True)
         layers = list(range(lo, hi + 1))
         mask = MaskConfig() if bound is None else MaskConfig(general_bounds=bound, specific_bounds=bound)
         config = EditorConfig(layers=layers, method=method, v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2,
                               mask=mask, mom2_update_weight=weight)
         state = EditState.create(lm.model, config, cov, lm.spec)
         t0 = time.perf_counter()
-        for start in range(0, len(cases), args.per_step):
+        for step, start in enumerate(range(0, len(cases), args.per_step), 1):
             edit_step(lm.model, lm.tokenizer, [c.request for c in cases[start : start + args.per_step]],
                       config, state)
+            print(f"  step {step}/{steps}, {time.perf_counter() - t0:.0f} s", flush=True)
         seconds = time.perf_counter() - t0
         metrics = case_metrics()
         update_case_metrics(metrics, lm.model, lm.tokenizer, cases, None)
