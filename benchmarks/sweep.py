@@ -41,7 +41,7 @@ from nmke_lightning.models import load_model
 DEFAULT_MOM2_WEIGHT = EditorConfig.__dataclass_fields__["mom2_update_weight"].default
 
 
-def values_stage(lm, cases, args) -> list[dict]:
+def values_stage(lm, cases, args, on_row=None) -> list[dict]:
     templates = generate_context_templates(lm.model, lm.tokenizer)
     layer = int(args.layers[0].split("-")[1])
     rows = []
@@ -59,10 +59,12 @@ def values_stage(lm, cases, args) -> list[dict]:
                          "share_above_0.9": float((prob > 0.9).float().mean()), "steps": float(step.mean()),
                          "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
+            if on_row:
+                on_row(rows)
     return rows
 
 
-def layers_stage(lm, cases, args) -> list[dict]:
+def layers_stage(lm, cases, args, on_row=None) -> list[dict]:
     windows = [tuple(int(x) for x in w.split("-")) for w in args.layers]
     all_layers = sorted({l for lo, hi in windows for l in range(lo, hi + 1)})
     cache = args.cache_dir or tempfile.mkdtemp(prefix="nmke-sweep-")
@@ -101,6 +103,8 @@ def layers_stage(lm, cases, args) -> list[dict]:
                      "mom2_weight": weight if method == "memit" else "-", **values,
                      "seconds_per_edit": seconds / len(cases)})
         print(rows[-1], flush=True)
+        if on_row:
+            on_row(rows)
         with torch.no_grad():  # undo the session before the next one
             for l in layers:
                 lm.spec.down_proj_module(lm.model, l).weight.copy_(original[l])
@@ -153,12 +157,22 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load_model(args.model)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[: args.cases]
-    rows = values_stage(lm, cases, args) if args.stage == "values" else layers_stage(lm, cases, args)
+    path = Path(args.out) / f"sweep_{args.name or args.stage}.json"
+    stage = values_stage if args.stage == "values" else layers_stage
+    # Written after every session, so a sweep stopped part-way keeps the rows it finished.
+    rows = stage(lm, cases, args, on_row=lambda rows: save_rows(path, args, len(cases), rows, complete=False))
+    save_rows(path, args, len(cases), rows, complete=True)
     print(markdown(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"stage": args.stage, "model": args.model, "cases": len(cases), "args": vars(args), "rows": rows}
-    (out / f"sweep_{args.name or args.stage}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def save_rows(path: Path, args, cases: int, rows: list[dict], complete: bool) -> None:
+    """Writes the sweep's rows so far; `complete` says whether every grid point is among them."""
+    payload = {"stage": args.stage, "model": args.model, "cases": cases, "complete": complete, "args": vars(args),
+               "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)  # a reader never sees half a file
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The hyperparameter sweep script on the tiny model: its grid, its numbers and its clean-up."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -98,3 +99,33 @@ def test_layers_stage_sweeps_memits_covariance_weight(load_benchmark, tmp_path, 
     # weight 10^9 times larger must shrink every layer's update.
     weak, strong = seen[1][2], seen[0][2]
     assert all(0 < weak[l] < strong[l] for l in strong)
+
+
+def test_a_sweep_stopped_part_way_keeps_the_sessions_it_finished(load_benchmark, tmp_path, monkeypatch):
+    sweep = load_benchmark("sweep")
+    argv = ["sweep.py", "--stage", "layers", "--model", "tiny-llama", "--cases", "4", "--layers", "0-1", "1-2",
+            "--per-step", "2", "--v-lr", "1.0", "--v-steps", "4", "--cov-tokens", "300", "--cache-dir", str(tmp_path / "stats"),
+            "--out", str(tmp_path), "--name", "t"]
+    monkeypatch.setattr("sys.argv", argv)
+    calls = record_steps(sweep, monkeypatch, lambda config, result: config.layers)
+    original_step = sweep.edit_step
+
+    def stop_in_second_session(model, tokenizer, requests, config, state):
+        if len(calls) == 3:  # the second session's second step
+            raise KeyboardInterrupt
+        return original_step(model, tokenizer, requests, config, state)
+
+    monkeypatch.setattr(sweep, "edit_step", stop_in_second_session)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main()
+    partial = json.loads((tmp_path / "sweep_t.json").read_text())
+    assert partial["complete"] is False and [r["layers"] for r in partial["rows"]] == ["0-1"]
+    assert not list(tmp_path.glob("*.partial"))
+
+    monkeypatch.setattr(sweep, "edit_step", original_step)
+    calls.clear()
+    sweep.main()
+    full = json.loads((tmp_path / "sweep_t.json").read_text())
+    assert full["complete"] is True and [r["layers"] for r in full["rows"]] == ["0-1", "1-2"]
+    keep = ("score", "efficacy", "generalization", "specificity", "reliability")
+    assert {k: full["rows"][0][k] for k in keep} == {k: partial["rows"][0][k] for k in keep}  # same session, same numbers
