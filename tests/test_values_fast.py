@@ -193,3 +193,22 @@ def test_a_binding_sliding_window_takes_the_full_sequence_path():
     full = compute_values(lm.model, lm.spec, lm.tokenizer, REQUESTS, templates, prefix_cache=False, **kwargs)
     assert torch.equal(default.z, full.z) and torch.equal(default.history, full.history)
     assert len({t for _, t in shapes}) == 1  # every forward over the full padded prompts
+
+
+def test_the_cache_goes_in_and_out_under_the_installed_transformers_name():
+    from types import SimpleNamespace
+
+    from nmke_lightning.editing.values import cache_kwargs, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return None
+
+    marker = object()
+    for base, name in ((Old(), "past_key_values"), (New(), "cache")):
+        assert cache_kwargs(SimpleNamespace(base_model=base), marker) == {name: marker}
+        assert output_cache({name: marker}) is marker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def keep_output(model: nn.Module, name: str) -> Iterator[dict]:
         handle.remove()
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword that hands `cache` to `model.base_model`'s forward: ``cache`` from transformers
+    5.2x on, ``past_key_values`` before (the old name warns now and goes in 5.40)."""
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(output):
+    """The cache a forward with ``use_cache=True`` returned, under either transformers name."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
 @torch.no_grad()
 def _record_output(model: nn.Module, name: str, inputs: dict, cache: bool = False):
     """The raw output (tensor or tuple) of module `name`, and the decoder stack's cache.
@@ -131,7 +144,7 @@ def _record_output(model: nn.Module, name: str, inputs: dict, cache: bool = Fals
     handle = get_module(model, name).register_forward_hook(hook)
     try:
         if cache:
-            past = model.base_model(**inputs, use_cache=True).past_key_values
+            past = output_cache(model.base_model(**inputs, use_cache=True))
         else:
             past = None
             with contextlib.suppress(StopForward):
@@ -184,8 +197,8 @@ def _run_windows(
             input_ids=batch.input_ids[take],
             attention_mask=torch.cat([past_valid, valid], dim=1),
             position_ids=pos,
-            past_key_values=past,
             use_cache=past is not None,
+            **cache_kwargs(model, past),
         ).last_hidden_state
 
 
