@@ -23,7 +23,6 @@ harmonic mean) plus token-accuracy reliability.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from nmke_lightning.editing.editor import EditorConfig, EditState, edit_step
 from nmke_lightning.editing.masks import MaskConfig
 from nmke_lightning.editing.stats import layer_covariances
 from nmke_lightning.editing.values import compute_values, generate_context_templates
-from nmke_lightning.evaluation import case_metrics, summarise_metrics, update_case_metrics
+from nmke_lightning.evaluation import case_metrics, summarise_metrics, update_case_metrics, write_json
 from nmke_lightning.models import load_model
 
 DEFAULT_MOM2_WEIGHT = EditorConfig.__dataclass_fields__["mom2_update_weight"].default
@@ -167,12 +166,8 @@ def main() -> None:
 
 def save_rows(path: Path, args, cases: int, rows: list[dict], complete: bool) -> None:
     """Writes the sweep's rows so far; `complete` says whether every grid point is among them."""
-    payload = {"stage": args.stage, "model": args.model, "cases": cases, "complete": complete, "args": vars(args),
-               "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)  # a reader never sees half a file
+    write_json(path, {"stage": args.stage, "model": args.model, "cases": cases, "complete": complete,
+                      "args": vars(args), "rows": rows})  # through a temporary file: never half written
 
 
 if __name__ == "__main__":

@@ -107,11 +107,11 @@ def test_a_sweep_stopped_part_way_keeps_the_sessions_it_finished(load_benchmark,
             "--per-step", "2", "--v-lr", "1.0", "--v-steps", "4", "--cov-tokens", "300", "--cache-dir", str(tmp_path / "stats"),
             "--out", str(tmp_path), "--name", "t"]
     monkeypatch.setattr("sys.argv", argv)
-    calls = record_steps(sweep, monkeypatch, lambda config, result: config.layers)
-    original_step = sweep.edit_step
+    original_step, calls = sweep.edit_step, []
 
     def stop_in_second_session(model, tokenizer, requests, config, state):
-        if len(calls) == 3:  # the second session's second step
+        calls.append(config.layers)
+        if len(calls) == 4:  # the second session's second step
             raise KeyboardInterrupt
         return original_step(model, tokenizer, requests, config, state)
 
@@ -120,10 +120,9 @@ def test_a_sweep_stopped_part_way_keeps_the_sessions_it_finished(load_benchmark,
         sweep.main()
     partial = json.loads((tmp_path / "sweep_t.json").read_text())
     assert partial["complete"] is False and [r["layers"] for r in partial["rows"]] == ["0-1"]
-    assert not list(tmp_path.glob("*.partial"))
+    assert calls == [[0, 1], [0, 1], [1, 2], [1, 2]] and not list(tmp_path.glob("*.tmp"))
 
     monkeypatch.setattr(sweep, "edit_step", original_step)
-    calls.clear()
     sweep.main()
     full = json.loads((tmp_path / "sweep_t.json").read_text())
     assert full["complete"] is True and [r["layers"] for r in full["rows"]] == ["0-1", "1-2"]
