@@ -22,9 +22,11 @@ import torch
 
 from nmke_lightning.data import load_cases, sample_path
 from nmke_lightning.editing.editor import EditorConfig, EditState, edit_step
+from nmke_lightning.editing.masks import MaskConfig
 from nmke_lightning.editing.stats import layer_covariances
 from nmke_lightning.editing.values import compute_values
 from nmke_lightning.models import load_model
+from sweep import mask_bounds  # benchmarks/ is on sys.path: the directory of the running script
 
 
 def peak_rss_gb() -> float:
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="nmke", choices=["nmke", "alphaedit", "memit"])
     parser.add_argument("--mask-mode", default="restricted", choices=["restricted", "post"])
+    parser.add_argument("--mask-bounds", type=mask_bounds, default=None,
+                        help="NMKE: lo,hi bounds of both mask ratios (default: MaskConfig's, the paper's 0.3,0.4)")
     parser.add_argument("--layers", default="4,5,6,7,8")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--steps", type=int, default=2, help="edit steps timed per batch size")
@@ -57,7 +61,9 @@ def main() -> None:
     print(f"covariance: {cov_s:.1f} s for {n_tokens} tokens, {len(layers)} layers, one pass")
 
     cases = load_cases(sample_path("counterfact_sample.json")).cases
-    config = EditorConfig(layers=layers, method=args.method, mask_mode=args.mask_mode, v_lr=args.v_lr)
+    bounds = args.mask_bounds
+    mask = MaskConfig() if bounds is None else MaskConfig(general_bounds=bounds, specific_bounds=bounds)
+    config = EditorConfig(layers=layers, method=args.method, mask_mode=args.mask_mode, v_lr=args.v_lr, mask=mask)
     phases = ["templates", "attribution", "z", "keys", "solve", "memory"]
     print(f"{'req/step':>8} {'s/step':>8} {'s/edit':>8} " + " ".join(f"{p:>11}" for p in phases) + "  z-steps")
     offset = 0

@@ -18,11 +18,13 @@ def smollm2():
 
 
 @pytest.fixture
-def load_benchmark():
+def load_benchmark(monkeypatch):
     """Import a script of benchmarks/ (not a package) by name, fresh for each test."""
     root = Path(__file__).resolve().parents[1]
 
     def load(name: str):
+        # As when a script runs: its directory is on sys.path, so scripts can import each other.
+        monkeypatch.syspath_prepend(str(root / "benchmarks"))
         spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
