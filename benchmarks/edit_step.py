@@ -22,11 +22,10 @@ import torch
 
 from nmke_lightning.data import load_cases, sample_path
 from nmke_lightning.editing.editor import EditorConfig, EditState, edit_step
-from nmke_lightning.editing.masks import MaskConfig
 from nmke_lightning.editing.stats import layer_covariances
 from nmke_lightning.editing.values import compute_values
 from nmke_lightning.models import load_model
-from sweep import mask_bounds  # benchmarks/ is on sys.path: the directory of the running script
+from sweep import mask_bounds, mask_config  # benchmarks/ is on sys.path: the directory of the running script
 
 
 def peak_rss_gb() -> float:
@@ -61,9 +60,8 @@ def main() -> None:
     print(f"covariance: {cov_s:.1f} s for {n_tokens} tokens, {len(layers)} layers, one pass")
 
     cases = load_cases(sample_path("counterfact_sample.json")).cases
-    bounds = args.mask_bounds
-    mask = MaskConfig() if bounds is None else MaskConfig(general_bounds=bounds, specific_bounds=bounds)
-    config = EditorConfig(layers=layers, method=args.method, mask_mode=args.mask_mode, v_lr=args.v_lr, mask=mask)
+    config = EditorConfig(layers=layers, method=args.method, mask_mode=args.mask_mode, v_lr=args.v_lr,
+                          mask=mask_config(args.mask_bounds))
     phases = ["templates", "attribution", "z", "keys", "solve", "memory"]
     print(f"{'req/step':>8} {'s/step':>8} {'s/edit':>8} " + " ".join(f"{p:>11}" for p in phases) + "  z-steps")
     offset = 0

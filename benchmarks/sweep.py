@@ -83,9 +83,8 @@ def layers_stage(lm, cases, args, on_row=None) -> list[dict]:
               + (f", covariance weight {weight:g}" if method == "memit" else "")
               + f": {len(cases)} edits in {steps} steps", flush=True)
         layers = list(range(lo, hi + 1))
-        mask = MaskConfig() if bound is None else MaskConfig(general_bounds=bound, specific_bounds=bound)
         config = EditorConfig(layers=layers, method=method, v_lr=lr, clamp_norm_factor=args.clamp[0], l2=l2,
-                              mask=mask, mom2_update_weight=weight)
+                              mask=mask_config(bound), mom2_update_weight=weight)
         state = EditState.create(lm.model, config, cov, lm.spec)
         t0 = time.perf_counter()
         for step, start in enumerate(range(0, len(cases), args.per_step), 1):
@@ -119,6 +118,11 @@ def mask_bounds(text: str) -> tuple[float, float]:
     if not 0.0 <= lo <= hi <= 1.0:
         raise SystemExit(f"--mask-bounds: need 0 <= lo <= hi <= 1, got {text!r}")
     return lo, hi
+
+
+def mask_config(bound: tuple[float, float] | None) -> MaskConfig:
+    """The mask with `bound` for both ratios (general and specific); MaskConfig's own for None."""
+    return MaskConfig() if bound is None else MaskConfig(general_bounds=bound, specific_bounds=bound)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -31,3 +31,23 @@ def load_benchmark(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture
+def record_steps(monkeypatch):
+    """Wraps a loaded benchmark script's `edit_step`: every step runs as it would, and
+    `what(config, result)` of each is appended to the list returned."""
+
+    def record(script, what):
+        seen = []
+        original_step = script.edit_step
+
+        def spy(model, tokenizer, requests, config, state):
+            result = original_step(model, tokenizer, requests, config, state)
+            seen.append(what(config, result))
+            return result
+
+        monkeypatch.setattr(script, "edit_step", spy)
+        return seen
+
+    return record

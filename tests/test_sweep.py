@@ -17,20 +17,6 @@ def namespace(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def record_steps(sweep, monkeypatch, what):
-    """Runs every edit step of the sweep as it would, and appends `what(config, result)` for each."""
-    seen = []
-    original_step = sweep.edit_step
-
-    def spy(model, tokenizer, requests, config, state):
-        result = original_step(model, tokenizer, requests, config, state)
-        seen.append(what(config, result))
-        return result
-
-    monkeypatch.setattr(sweep, "edit_step", spy)
-    return seen
-
-
 def test_values_stage_reports_each_grid_point_from_the_train_file(load_benchmark):
     sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
@@ -48,12 +34,12 @@ def test_values_stage_reports_each_grid_point_from_the_train_file(load_benchmark
     assert all(r["layer"] == 2 and 0 < r["steps"] <= 4 for r in rows)
 
 
-def test_layers_stage_scores_each_session_and_restores_the_model(load_benchmark, tmp_path, monkeypatch):
+def test_layers_stage_scores_each_session_and_restores_the_model(load_benchmark, tmp_path, record_steps):
     sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:4]
     before = {l: lm.spec.down_proj_module(lm.model, l).weight.detach().clone() for l in (0, 1, 2)}
-    seen = record_steps(sweep, monkeypatch, lambda config, result: {l: float(d.norm()) for l, d in result.deltas.items()})
+    seen = record_steps(sweep, lambda config, result: {l: float(d.norm()) for l, d in result.deltas.items()})
     rows = sweep.layers_stage(lm, cases, namespace(layers=["0-1", "1-2"], cache_dir=str(tmp_path)))
     assert [r["layers"] for r in rows] == ["0-1", "1-2"]
     assert len(seen) == 4 and all(norm > 0 for step in seen for norm in step.values())  # edits happened
@@ -64,11 +50,11 @@ def test_layers_stage_scores_each_session_and_restores_the_model(load_benchmark,
         assert torch.equal(lm.spec.down_proj_module(lm.model, l).weight, weight)
 
 
-def test_layers_stage_compares_methods_and_mask_bounds(load_benchmark, tmp_path, monkeypatch):
+def test_layers_stage_compares_methods_and_mask_bounds(load_benchmark, tmp_path, record_steps):
     sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:2]
-    seen = record_steps(sweep, monkeypatch, lambda config, result: (
+    seen = record_steps(sweep, lambda config, result: (
         config.method, {l: m.mask.float().mean().item() for l, m in result.masks.items()}))
     rows = sweep.layers_stage(lm, cases, namespace(methods=["alphaedit", "nmke"], mask_bounds=["0.1,0.1", "0.8,0.9"],
                                                    cache_dir=str(tmp_path)))
@@ -85,11 +71,11 @@ def test_layers_stage_compares_methods_and_mask_bounds(load_benchmark, tmp_path,
         sweep.mask_bounds("0.6,0.5")
 
 
-def test_layers_stage_sweeps_memits_covariance_weight(load_benchmark, tmp_path, monkeypatch):
+def test_layers_stage_sweeps_memits_covariance_weight(load_benchmark, tmp_path, record_steps):
     sweep = load_benchmark("sweep")
     lm = load_model("tiny-llama", seed=0)
     cases = load_cases(sample_path("counterfact_train_sample.json")).cases[:2]
-    seen = record_steps(sweep, monkeypatch, lambda config, result: (
+    seen = record_steps(sweep, lambda config, result: (
         config.method, config.mom2_update_weight, {l: float(d.norm()) for l, d in result.deltas.items()}))
     rows = sweep.layers_stage(lm, cases, namespace(methods=["memit", "alphaedit"], mom2_weight=[1e-3, 1e6],
                                                    cache_dir=str(tmp_path)))
