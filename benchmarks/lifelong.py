@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,46 @@ def session_status(runs: Path, out: Path, name: str, T: int) -> str:
                           if metrics.get(k) is not None)
         line += f"\n    after {point['edits']} edits (sample of {point['n']}): {shown}"
     return line
+
+
+def run_session(name: str, cmd: list[str]) -> bool:
+    """Run session `name`'s command to its end; the session never outlives the runner.
+
+    A SIGTERM to the runner (``kill``, a job scheduler's stop) is passed on to the session, which
+    ends after its current edit step (Lightning's SIGTERM handling) with its checkpoints kept; the
+    runner then exits, and the same command resumes the session from its last checkpoint. An
+    interrupt (Ctrl-C) reaches the session from the terminal; should the runner stop any other way
+    while the session runs, the session gets a SIGTERM and the runner waits for it to end.
+    A session that fails stops the runner with its exit status.
+
+    Returns whether a SIGTERM came while a session that then finished anyway was running (its
+    result is complete; the runner stops after collecting it).
+    """
+    received: list[int] = []
+    child = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # before the session starts: no window without it
+    try:
+        child = subprocess.Popen(cmd)
+        if received:  # came while the session was being started
+            child.send_signal(signal.SIGTERM)
+        status = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+    if received and status != 0:
+        raise SystemExit(f"[{name}] stopped by SIGTERM (session exit status {status}); run the same command to "
+                         "resume it from its last checkpoint")
+    if status != 0:
+        raise SystemExit(f"[{name}] session failed with exit status {status} (its output is above)")
+    return bool(received)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -196,11 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if not result.exists():
             cmd = session_command(args, method, data, T, per_step)
             print(f"[{name}] {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True)
+            stop = run_session(name, cmd)
             report = newest_report(Path(args.runs) / name)
             if report is None:
                 raise SystemExit(f"[{name}] finished without a report.json")
             shutil.copyfile(report, result)
+            if stop:
+                raise SystemExit(f"[{name}] finished; stopped by SIGTERM before the next session")
         results[name] = json.loads(result.read_text())
     # The table and the plot cover every finished session in `out`, not only this invocation's.
     everything = collect(out)

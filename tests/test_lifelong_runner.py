@@ -2,11 +2,71 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+FAKE_SESSION = """
+import os, signal, sys, time
+from pathlib import Path
+out, status = Path(sys.argv[1]), int(sys.argv[2])
+def stop(signum, frame):
+    (out / "session-stopped").write_text(str(signum))
+    sys.exit(status)
+signal.signal(signal.SIGTERM, stop)
+(out / "session-started").write_text(str(os.getpid()))
+if status < 0:
+    sys.exit(-status)
+time.sleep(120)
+"""
+"""Stands in for a `fit` session: records that it started, and whether and how it was stopped;
+it exits with argv[2] when stopped, or at once with -argv[2] when that is negative."""
 
+
+def run_runner_session(tmp_path: Path, status: int, stop: bool) -> subprocess.CompletedProcess:
+    """`lifelong.run_session` over the fake session in a runner process of its own, sent a SIGTERM
+    (if `stop`) once the session has started."""
+    script = ("import sys, lifelong\n"
+              f"print('returned', lifelong.run_session('fake-T1-b1', [sys.executable, '-c', {FAKE_SESSION!r}, "
+              f"{str(tmp_path)!r}, '{status}']))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]))
+    runner = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        if stop:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "session-started").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=60)
+    finally:
+        runner.kill()
+    return subprocess.CompletedProcess(runner.args, runner.returncode, out, err)
+
+
+@pytest.mark.parametrize("status", [3, 0])
+def test_sigterm_to_the_runner_stops_its_session(tmp_path, status):
+    done = run_runner_session(tmp_path, status, stop=True)
+    # The session got the SIGTERM (the runner waited for it: it no longer runs).
+    assert (tmp_path / "session-stopped").read_text() == str(int(signal.SIGTERM))
+    if status:  # stopped part way: the runner exits and says how to resume
+        assert done.returncode == 1 and "returned" not in done.stdout
+        assert ("[fake-T1-b1] stopped by SIGTERM (session exit status 3); run the same command to resume it from "
+                "its last checkpoint") in done.stderr
+    else:  # the session finished anyway: its result is collected, then the runner stops
+        assert done.returncode == 0 and done.stdout == "returned True\n"
+
+
+def test_a_failed_session_stops_the_runner_with_its_status(tmp_path):
+    done = run_runner_session(tmp_path, -2, stop=False)
+    assert done.returncode == 1 and not (tmp_path / "session-stopped").exists()
+    assert "[fake-T1-b1] session failed with exit status 2 (its output is above)" in done.stderr
 
 
 def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_path, monkeypatch, capsys):
@@ -38,7 +98,7 @@ def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_p
     (tmp_path / "out" / "nmke-zsre-T4-b2.json").write_text(json.dumps(nmke))
     (tmp_path / "out" / "sweep_layers.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(runner, "run_session", lambda *a: calls.append(a))
     runner.main(args)
     assert not calls and all(p.stat().st_mtime == t for p, t in stamps.items())
     md = (tmp_path / "out" / "results.md").read_text()
