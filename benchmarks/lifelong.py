@@ -114,8 +114,8 @@ def run_session(name: str, cmd: list[str]) -> bool:
     while the session runs, the session gets a SIGTERM and the runner waits for it to end.
     A session that fails stops the runner with its exit status.
 
-    Returns whether a SIGTERM came while a session that then finished anyway was running (its
-    result is complete; the runner stops after collecting it).
+    Returns whether a SIGTERM came while the session ran. Lightning ends a session it stopped
+    with exit status 0, so the caller tells stopped from finished by the session's report.
     """
     received: list[int] = []
     child = None
@@ -136,12 +136,14 @@ def run_session(name: str, cmd: list[str]) -> bool:
         if child is not None and child.poll() is None:
             child.terminate()
             child.wait()
-    if received and status != 0:
-        raise SystemExit(f"[{name}] stopped by SIGTERM (session exit status {status}); run the same command to "
-                         "resume it from its last checkpoint")
     if status != 0:
-        raise SystemExit(f"[{name}] session failed with exit status {status} (its output is above)")
+        raise SystemExit(stopped(name) if received else
+                         f"[{name}] session failed with exit status {status} (its output is above)")
     return bool(received)
+
+
+def stopped(name: str) -> str:
+    return f"[{name}] stopped by SIGTERM; run the same command to resume it from its last checkpoint"
 
 
 def table(results: dict[str, dict]) -> str:
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             stop = run_session(name, cmd)
             report = newest_report(Path(args.runs) / name)
             if report is None:
-                raise SystemExit(f"[{name}] finished without a report.json")
+                raise SystemExit(stopped(name) if stop else f"[{name}] finished without a report.json")
             shutil.copyfile(report, result)
             if stop:
                 raise SystemExit(f"[{name}] finished; stopped by SIGTERM before the next session")

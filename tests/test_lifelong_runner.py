@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,11 +56,11 @@ def test_sigterm_to_the_runner_stops_its_session(tmp_path, status):
     done = run_runner_session(tmp_path, status, stop=True)
     # The session got the SIGTERM (the runner waited for it: it no longer runs).
     assert (tmp_path / "session-stopped").read_text() == str(int(signal.SIGTERM))
-    if status:  # stopped part way: the runner exits and says how to resume
+    if status:  # the session failed on the way out: the runner exits and says how to resume
         assert done.returncode == 1 and "returned" not in done.stdout
-        assert ("[fake-T1-b1] stopped by SIGTERM (session exit status 3); run the same command to resume it from "
-                "its last checkpoint") in done.stderr
-    else:  # the session finished anyway: its result is collected, then the runner stops
+        assert ("[fake-T1-b1] stopped by SIGTERM; run the same command to resume it from its last checkpoint"
+                in done.stderr)
+    else:  # as Lightning ends a stopped session: the caller looks for its report (test below)
         assert done.returncode == 0 and done.stdout == "returned True\n"
 
 
@@ -67,6 +68,26 @@ def test_a_failed_session_stops_the_runner_with_its_status(tmp_path):
     done = run_runner_session(tmp_path, -2, stop=False)
     assert done.returncode == 1 and not (tmp_path / "session-stopped").exists()
     assert "[fake-T1-b1] session failed with exit status 2 (its output is above)" in done.stderr
+
+
+def test_runner_stops_after_a_session_stopped_by_sigterm(load_benchmark, tmp_path, monkeypatch):
+    runner = load_benchmark("lifelong")
+    args = ["--methods", "nmke", "memit", "--T", "4", "--per-step", "2", "--config-template", "configs/tiny_cpu.yaml",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    calls = []
+    monkeypatch.setattr(runner, "run_session", lambda name, cmd: calls.append(name) or True)  # a SIGTERM came
+    # Stopped part way (no report): nothing is collected and the next session does not start.
+    with pytest.raises(SystemExit, match=re.escape("[nmke-counterfact-T4-b2] stopped by SIGTERM; run the same")):
+        runner.main(args)
+    assert calls == ["nmke-counterfact-T4-b2"] and not list((tmp_path / "out").glob("*.json"))
+    # Finished as the SIGTERM came: its result is kept, and still the next session does not start.
+    report = tmp_path / "runs" / "nmke-counterfact-T4-b2" / "lightning_logs" / "version_0" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text('{"edits": 4}')
+    with pytest.raises(SystemExit, match=re.escape("[nmke-counterfact-T4-b2] finished; stopped by SIGTERM before")):
+        runner.main(args)
+    assert calls == ["nmke-counterfact-T4-b2"] * 2
+    assert json.loads((tmp_path / "out" / "nmke-counterfact-T4-b2.json").read_text()) == {"edits": 4}
 
 
 def test_runner_writes_results_and_skips_finished_sessions(load_benchmark, tmp_path, monkeypatch, capsys):
