@@ -112,7 +112,7 @@ def run_session(name: str, cmd: list[str]) -> bool:
     runner then exits, and the same command resumes the session from its last checkpoint. An
     interrupt (Ctrl-C) reaches the session from the terminal; should the runner stop any other way
     while the session runs, the session gets a SIGTERM and the runner waits for it to end.
-    A session that fails stops the runner with its exit status.
+    A session that fails stops the runner (exit status 1) with a message naming the session's status.
 
     Returns whether a SIGTERM came while the session ran. Lightning ends a session it stopped
     with exit status 0, so the caller tells stopped from finished by the session's report.
