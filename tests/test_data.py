@@ -260,7 +260,7 @@ def test_plain_csv(tmp_path):
 
 def test_shipped_samples():
     cf = load_cases(str(sample_path("counterfact_sample.json")))
-    assert cf.format == "counterfact_easyedit" and len(cf.cases) == 1000 and cf.skipped == []
+    assert cf.format == "counterfact_easyedit" and len(cf.cases) == 2000 and cf.skipped == []
     assert cf.cases[0] == EditCase(
         case_id=0,
         prompt="The mother tongue of Danielle Darrieux is",
@@ -270,7 +270,9 @@ def test_shipped_samples():
         paraphrases=["Where Danielle Darrieux is from, people speak the language of"],
         neighbourhood=[("Michel Rocard is a native speaker of", "French")],
     )
-    assert [c.case_id for c in cf.cases[:4]] == [0, 1, 4, 5] and cf.cases[-1].case_id == 2169
+    assert [c.case_id for c in cf.cases[:4]] == [0, 1, 4, 5]
+    # the first 1000 are the sample shipped before it grew to 2000 (the results of T <= 1000 used them)
+    assert cf.cases[999].case_id == 2169 and cf.cases[-1].case_id == 4353
 
     train = load_cases("sample:counterfact_train_sample.json")
     assert len(train.cases) == 300
@@ -362,8 +364,8 @@ def test_bad_options_name_the_option(tmp_path):
         EditDataModule(world_size=2, rank=2)
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         load_cases(str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match=r"data\.offset 1000 leaves no cases"):
-        load_cases(offset=1000)
+    with pytest.raises(ValueError, match=r"data\.offset 2000 leaves no cases"):
+        load_cases(offset=2000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,11 +454,11 @@ def test_shuffle_is_deterministic_and_offset_limit_apply_after_it():
     assert shuffled != file_order and sorted(shuffled) == sorted(file_order)
     assert shuffled != ids(seed=4)
     expected = [
-        file_order[i] for i in torch.randperm(1000, generator=torch.Generator().manual_seed(3)).tolist()
+        file_order[i] for i in torch.randperm(2000, generator=torch.Generator().manual_seed(3)).tolist()
     ]
     assert shuffled == expected
     assert ids(seed=3, offset=10, limit=5) == shuffled[10:15]
-    assert ids(offset=990) == file_order[990:]
+    assert ids(offset=1990) == file_order[1990:]
     assert ids(limit=3) == file_order[:3]
 
 
